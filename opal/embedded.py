@@ -150,15 +150,19 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _pid_runs(pid: int, exe: str) -> bool:
-    """True if ``pid`` is alive (not a zombie) and runs ``exe`` (guards against pid reuse)."""
+    """True if ``pid`` is alive (not a zombie) and runs the binary ``exe`` (guards against pid reuse).
+
+    Compares ``/proc/<pid>/exe`` rather than the command line, which servers such as
+    valkey rewrite.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        running = os.path.realpath(f"/proc/{pid}/exe")
     except (OSError, IndexError):
         return False
-    return bool(cmdline) and cmdline[0].decode(errors="replace") == exe
+    return running == os.path.realpath(exe)
 
 
 @atexit.register

@@ -9,6 +9,7 @@ ordinary exceptions.
 
 from __future__ import annotations
 
+import difflib
 from enum import StrEnum
 
 
@@ -59,7 +60,11 @@ class UnknownCategoryError(OpalError):
     reason = ErrorKind.UNKNOWN_CATEGORY
 
     def __init__(self, category: str, known: list[str] | None = None) -> None:
-        hint = f" (known: {', '.join(sorted(known)[:10])}{', ...' if known and len(known) > 10 else ''})" if known else ""
+        hint = ""
+        if known:
+            close = difflib.get_close_matches(category, known, n=3)
+            shown = sorted(known)[:10]
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(shown)}{', ...' if len(known) > 10 else ''})"
         super().__init__(f"unknown category {category!r}{hint}")
         self.category = category
 

@@ -1,0 +1,49 @@
+"""Shared fixtures. Integration tests run against a real tansu broker and a real
+valkey-server started by opal.embedded (or the cluster named by OPAL_KAFKA_BOOTSTRAP /
+OPAL_REDIS_URL when those are set)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opal.embedded import EmbeddedStack
+from schemas.settings import EmbeddedSettings, OpalSettings, TopicSettings
+
+REPO = Path(__file__).resolve().parents[1]
+STREAM_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    run_dir = tmp_path_factory.mktemp("stack")
+    base = OpalSettings()
+    settings = base.model_copy(update={"embedded": EmbeddedSettings(run_dir=run_dir)})
+    with EmbeddedStack(settings) as s:
+        yield s
+
+
+@pytest.fixture
+def settings(stack: EmbeddedStack) -> OpalSettings:
+    """Resolved settings with topic names unique to the test."""
+    tag = uuid.uuid4().hex[:8]
+    topics = TopicSettings(**{k: f"{v}-{tag}" for k, v in TopicSettings().model_dump().items() if k != "partitions"}, partitions=3)
+    return stack.settings.model_copy(update={"topics": topics})
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running the `opal` CLI in a subprocess with its own run dir."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+    env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path / "run")
+    env["COLUMNS"] = "200"
+    return env
+
+
+def opal_bin() -> str:
+    return str(STREAM_BIN / "opal")

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from opal.samples import load_samples
+from schemas.category import CategoryRegistry, default_categories
+from schemas.errors import ErrorKind, UnknownCategoryError
+
+
+def test_shipped_schemas_cover_every_sample_category() -> None:
+    reg = default_categories()
+    assert len(reg) >= 20
+    sample_types = {s.product_type for s in load_samples()}
+    assert len(sample_types) == 20  # the 20 most common ABO product types
+    assert sample_types <= set(reg.names)
+
+
+@pytest.mark.parametrize("category", default_categories().names)
+def test_json_schema_is_valid_and_tight(category: str) -> None:
+    c = default_categories().get(category)
+    schema = c.json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    aspects = schema["properties"]["aspects"]
+    assert aspects["additionalProperties"] is False
+    assert set(aspects["properties"]) == {a.name for a in c.visual_aspects}
+    assert not any(not a.visual and a.name in aspects["properties"] for a in c.aspects)
+    # a listing built from the schema's own first values validates, and passes check()
+    listing = {a.name: (a.values[0] if a.values else "something") for a in c.visual_aspects}
+    jsonschema.validate({"title": "A title", "aspects": listing}, schema)
+    assert c.check(listing).valid
+
+
+def test_json_schema_rejects_what_check_rejects() -> None:
+    shoes = default_categories().get("shoes")
+    schema = shoes.json_schema()
+    bad = [
+        {"title": "x", "aspects": {"Color": "white", "Size": "42"}},  # non-visual
+        {"title": "x", "aspects": {"Color": "white", "Flavour": "mint"}},  # unknown
+        {"title": "x", "aspects": {"Color": "sky"}},  # outside closed set
+        {"title": "x", "aspects": {"Material": "leather"}},  # missing required Color
+        {"title": "", "aspects": {"Color": "white"}},
+        {"title": "x", "aspects": {"Color": "white"}, "price": 3},
+    ]
+    for doc in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schema)
+
+
+def test_check_reports_each_problem() -> None:
+    shoes = default_categories().get("shoes")
+    r = shoes.check({"Color": "sky", "Size": "42", "Flavour": "mint", "Material": "leather", "Brand": " "})
+    assert not r.valid
+    assert r.unknown_keys == ["Size", "Flavour"]
+    assert r.invalid_values == ["Color=sky", "Brand= "]
+    assert r.missing_required == []
+    r = shoes.check({"Material": "leather"})
+    assert r.missing_required == ["Color"]
+    seller = shoes.check({"Size": "42", "Color": "white"}, generated=False)
+    assert seller.valid  # sellers may give non-visual aspects
+
+
+def test_unknown_category_is_typed() -> None:
+    with pytest.raises(UnknownCategoryError) as ei:
+        default_categories().get("spaceship")
+    assert ei.value.reason is ErrorKind.UNKNOWN_CATEGORY
+    assert "spaceship" in str(ei.value) and "accessory" in str(ei.value)
+    with pytest.raises(UnknownCategoryError, match=r"did you mean shoes"):
+        default_categories().get("shoe")
+
+
+def _write(d: Path, name: str, doc: dict) -> None:
+    (d / f"{name}.json").write_text(json.dumps(doc))
+
+
+def test_bad_schema_files_are_reported_by_name(tmp_path: Path) -> None:
+    good = {"category": "mugs", "display_name": "Mugs", "aspects": [{"name": "Color", "visual": True}]}
+    _write(tmp_path, "mugs", good)
+    assert CategoryRegistry.load(tmp_path).names == ["mugs"]
+    _write(tmp_path, "cups", good)
+    with pytest.raises(ValueError, match="cups.json"):
+        CategoryRegistry.load(tmp_path)
+    (tmp_path / "cups.json").unlink()
+    dup = dict(good, aspects=[{"name": "Color", "visual": True}, {"name": "Color", "visual": False}])
+    _write(tmp_path, "mugs", dup)
+    with pytest.raises(ValueError, match="twice"):
+        CategoryRegistry.load(tmp_path)
+    _write(tmp_path, "mugs", dict(good, aspects=[{"name": "Size", "visual": False, "required": True}]))
+    with pytest.raises(ValueError, match="required"):
+        CategoryRegistry.load(tmp_path)

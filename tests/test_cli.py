@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import typer.main
+
+from opal.cli import app
+from tests.conftest import REPO, opal_bin
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([opal_bin(), *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_help_lists_every_subcommand(cli_env: dict[str, str]) -> None:
+    group = typer.main.get_command(app)
+    assert hasattr(group, "commands")
+    top = _run(["--help"], cli_env)
+    assert top.returncode == 0
+    for name, cmd in group.commands.items():
+        assert name in top.stdout, name
+        if hasattr(cmd, "commands"):
+            sub = _run([name, "--help"], cli_env)
+            assert sub.returncode == 0
+            for subname in cmd.commands:
+                assert subname in sub.stdout, f"{name} {subname}"
+
+
+def test_settings_table_masks_secrets(cli_env: dict[str, str]) -> None:
+    env = dict(cli_env, OPAL_KAFKA_SASL_PASSWORD="hunter2", OPAL_KAFKA_BOOTSTRAP="kafka-1:9092")
+    r = _run(["settings"], env)
+    assert r.returncode == 0
+    assert "kafka-1:9092" in r.stdout and "OPAL_WORKER_MAX_IN_FLIGHT" in r.stdout
+    assert "hunter2" not in r.stdout and "**********" in r.stdout
+
+
+def test_json_schema_command(cli_env: dict[str, str]) -> None:
+    r = _run(["schemas", "json-schema", "handbag"], cli_env)
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert "Bag Style" in schema["properties"]["aspects"]["properties"]
+    bad = _run(["schemas", "json-schema", "handbags"], cli_env)
+    assert bad.returncode == 2 and "did you mean handbag" in bad.stdout
+
+
+def test_commands_needing_kafka_say_how_to_get_one(cli_env: dict[str, str]) -> None:
+    r = _run(["events", "publish-samples"], cli_env)
+    assert r.returncode == 2 and "opal dev up" in r.stdout
+
+
+def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
+    r = _run(["demo"], cli_env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.match(r"demo: (\d+) events in, (\d+) decoded and valid, (\d+) dead letters", last)
+    assert m, last
+    assert m.groups() == ("42", "40", "2")
+    assert "malformed_event" in r.stdout and "unknown_category" in r.stdout

@@ -1,0 +1,63 @@
+"""Required layout and the one-way dependency rule: schemas <- topology <- workers;
+training uses schemas; only opal (the CLI) wires everything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("schemas", "topology", "workers", "training", "opal")
+ALLOWED = {
+    "schemas": set(),
+    "topology": {"schemas"},
+    "workers": {"schemas", "topology"},
+    "training": {"schemas"},
+    "opal": {"schemas", "topology", "workers", "training"},
+}
+# Shared code must import only what both environments have.
+SHARED_THIRD_PARTY = {"pydantic", "pydantic_settings", "fastavro"}
+
+
+def test_required_top_level() -> None:
+    for name in ("workers", "schemas", "training", "topology", "deploy", "tests"):
+        assert (REPO / name).is_dir(), name
+    for name in ("pyproject.toml", "README.md", "Makefile", ".ci/run"):
+        assert (REPO / name).is_file(), name
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_dependency_direction(layer: str) -> None:
+    for f in (REPO / layer).rglob("*.py"):
+        bad = (_imports(f) & set(LAYERS)) - ALLOWED[layer] - {layer}
+        assert not bad, f"{f.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_schemas_import_only_shared_dependencies() -> None:
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    for f in (REPO / "schemas").rglob("*.py"):
+        third = _imports(f) - stdlib - {"schemas", "__future__"}
+        assert third <= SHARED_THIRD_PARTY, f"{f.relative_to(REPO)} imports {sorted(third - SHARED_THIRD_PARTY)}"
+
+
+def test_readme_documents_every_setting() -> None:
+    from schemas.settings import OpalSettings
+
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, _, _ in OpalSettings().describe() if f"`{name}`" not in readme]
+    assert not missing, f"README lacks {missing}"
