@@ -81,7 +81,7 @@ def test_bad_schema_files_are_reported_by_name(tmp_path: Path) -> None:
     _write(tmp_path, "mugs", good)
     assert CategoryRegistry.load(tmp_path).names == ["mugs"]
     _write(tmp_path, "cups", good)
-    with pytest.raises(ValueError, match="cups.json"):
+    with pytest.raises(ValueError, match=r"cups\.json"):
         CategoryRegistry.load(tmp_path)
     (tmp_path / "cups.json").unlink()
     dup = dict(good, aspects=[{"name": "Color", "visual": True}, {"name": "Color", "visual": False}])
