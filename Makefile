@@ -12,7 +12,10 @@ STREAM      := .venv
 MODEL       := .venv-model
 MODEL_EXTRA ?= model-cpu
 TORCH_SPEC  ?= torch==2.13.0
+SHELL       := /bin/bash
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# pip warns once per package about index folders this machine's pip config names but lacks; hide only that line.
+QUIET_PIP   := 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 
 STREAM_STAMP := $(STREAM)/.opal-installed
 MODEL_STAMP  := $(MODEL)/.opal-installed-$(MODEL_EXTRA)
@@ -32,14 +35,14 @@ install-model: $(MODEL_STAMP)
 $(STREAM_STAMP): pyproject.toml
 	@echo "== installing the stream environment into $(STREAM) (first run only)"
 	test -x $(STREAM)/bin/python || $(PYTHON) -m venv $(STREAM)
-	$(STREAM)/bin/pip install -q -e ".[stream,dev]"
+	$(STREAM)/bin/pip install -q -e ".[stream,dev]" $(QUIET_PIP)
 	touch $@
 
 $(MODEL_STAMP): pyproject.toml
 	@echo "== installing the model environment into $(MODEL) (first run only, a few minutes)"
 	test -x $(MODEL)/bin/python || $(PYTHON) -m venv $(MODEL)
-	$(if $(TORCH_SPEC),$(MODEL)/bin/pip install -q "$(TORCH_SPEC)")
-	DS_BUILD_OPS=0 $(MODEL)/bin/pip install -q -e ".[$(MODEL_EXTRA),dev]"
+	$(if $(TORCH_SPEC),$(MODEL)/bin/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP))
+	DS_BUILD_OPS=0 $(MODEL)/bin/pip install -q -e ".[$(MODEL_EXTRA),dev]" $(QUIET_PIP)
 	$(MODEL)/bin/python deploy/scripts/fix_model_env.py
 	touch $@
 

@@ -23,6 +23,10 @@ class ErrorKind(StrEnum):
     UNKNOWN_CATEGORY = "unknown_category"
     INVALID_LISTING = "invalid_listing"
     SCHEMA_REGISTRY = "schema_registry"
+    INVALID_IMAGE = "invalid_image"
+    INVALID_OUTPUT = "invalid_output"
+    INFERENCE_FAILED = "inference_failed"
+    INFERENCE_REJECTED = "inference_rejected"
 
 
 class OpalError(Exception):

@@ -1,0 +1,329 @@
+"""Async client for OpenAI-compatible vLLM endpoints serving the OPAL model.
+
+Contract of :meth:`ListingClient.generate`
+- Images are checked (:func:`inference.images.prepare_image`) *before* any request;
+  a bad image raises :class:`ImageRejectedError` and nothing is sent.
+- At most ``max_concurrency`` requests are in flight per client; callers beyond that
+  wait (bounded, no unbounded queue inside the client).
+- Each attempt has ``timeout_s``. Connection errors, timeouts, HTTP 429 and 5xx are
+  retried up to ``max_retries`` times with exponential backoff and jitter, each
+  time on the endpoint with the fewest outstanding requests (an endpoint that just
+  failed is avoided for ``cooldown_s``). When retries run out it raises
+  :class:`InferenceUnavailableError` (``retriable=True``: the caller may try later).
+- Other 4xx raise :class:`InferenceRejectedError` (not retriable: the request is bad).
+- Output that is not a valid listing raises :class:`~inference.output.InvalidOutputError`
+  carrying the raw text (not retried: with temperature 0 it would repeat).
+- Generation is idempotent from the caller's view (no server-side state), so any
+  call may be retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from inference.images import prepare_image
+from inference.output import Listing, parse_listing
+from inference.prompt import serving_messages
+from schemas.category import CategoryRegistry, CategorySchema, default_categories
+from schemas.errors import ErrorKind, OpalError
+from schemas.events import ModelInfo, SchemaCheck
+
+
+class InferenceUnavailableError(OpalError):
+    """No endpoint answered successfully within the retry budget."""
+
+    reason = ErrorKind.INFERENCE_FAILED
+    retriable = True
+
+
+class InferenceRejectedError(OpalError):
+    """An endpoint refused the request (4xx other than 429)."""
+
+    reason = ErrorKind.INFERENCE_REJECTED
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    listing: Listing
+    check: SchemaCheck
+    aspect_confidence: dict[str, float]
+    title_confidence: float | None
+    model: ModelInfo
+    raw: str
+    endpoint: str
+    attempts: int
+    queued_ms: float
+    inference_ms: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class _Endpoint:
+    url: str
+    outstanding: int = 0
+    down_until: float = 0.0
+    requests: int = 0
+    failures: int = 0
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    per_endpoint: dict[str, int] = field(default_factory=dict)
+
+
+def model_info(served_name: str) -> ModelInfo:
+    """``name@version`` (how `opal serve` names models) -> ModelInfo; no ``@`` -> version 'unversioned'."""
+    name, _, version = served_name.partition("@")
+    return ModelInfo(name=name, version=version or "unversioned")
+
+
+def _token_spans(tokens: list[dict[str, Any]]) -> list[tuple[int, int, float]]:
+    """(char start, char end, logprob) of each generated token in the decoded text."""
+    spans: list[tuple[int, int, float]] = []
+    buf = b""
+    prev_chars = 0
+    for t in tokens:
+        raw = bytes(t["bytes"]) if t.get("bytes") is not None else t["token"].encode()
+        buf += raw
+        chars = len(buf.decode("utf-8", errors="ignore"))
+        spans.append((prev_chars, chars, float(t["logprob"])))
+        prev_chars = chars
+    return spans
+
+
+def _span_confidence(spans: list[tuple[int, int, float]], start: int, end: int) -> float | None:
+    lps = [lp for s, e, lp in spans if s < end and e > start and math.isfinite(lp)]
+    if not lps:
+        return None
+    return float(math.exp(sum(lps) / len(lps)))
+
+
+def confidences(raw: str, tokens: list[dict[str, Any]] | None, listing_raw_keys: Sequence[str]) -> tuple[dict[str, float], float | None]:
+    """Per-aspect and title confidence: exp(mean token log-prob) over each value's characters.
+
+    Values are located in the compact JSON the constrained decoder emits
+    (``"Name":"value"``); a value not found gets no entry.
+    """
+    if not tokens:
+        return {}, None
+    import json
+
+    spans = _token_spans(tokens)
+    out: dict[str, float] = {}
+    title_conf = None
+    pos = raw.find('"title"')
+    if pos >= 0:
+        start = raw.find('"', raw.find(":", pos) + 1) + 1
+        end = start + len(json.dumps(_json_str_at(raw, start - 1))) - 2
+        title_conf = _span_confidence(spans, start, end)
+    aspects_at = raw.find('"aspects"')
+    for key in listing_raw_keys:
+        needle = json.dumps(key, ensure_ascii=False)
+        p = raw.find(needle, max(aspects_at, 0))
+        if p < 0:
+            continue
+        q = raw.find('"', raw.find(":", p + len(needle)) + 1)
+        if q < 0:
+            continue
+        value = _json_str_at(raw, q)
+        end = q + len(json.dumps(value, ensure_ascii=False)) - 1
+        conf = _span_confidence(spans, q + 1, end)
+        if conf is not None:
+            out[key] = conf
+    return out, title_conf
+
+
+def _json_str_at(raw: str, quote_pos: int) -> str:
+    import json
+
+    decoder = json.JSONDecoder()
+    try:
+        value, _ = decoder.raw_decode(raw, quote_pos)
+    except json.JSONDecodeError:
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+class ListingClient:
+    """See the module contract. Use as ``async with ListingClient(...) as c``."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        model: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 32,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_base_s: float = 0.2,
+        cooldown_s: float = 2.0,
+        max_tokens: int = 256,
+        categories: CategoryRegistry | None = None,
+        max_image_bytes: int = 10 * 1024 * 1024,
+        max_image_pixels: int = 40_000_000,
+        logprobs: bool = True,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("ListingClient needs at least one endpoint")
+        self._endpoints = [_Endpoint(e.rstrip("/")) for e in endpoints]
+        self._model = model
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.cooldown_s = cooldown_s
+        self.max_tokens = max_tokens
+        self.categories = categories or default_categories()
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.logprobs = logprobs
+        self.stats = ClientStats()
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> ListingClient:
+        limits = httpx.Limits(max_connections=self._sem._value * 2, max_keepalive_connections=self._sem._value)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)), limits=limits)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    @property
+    def in_flight(self) -> int:
+        return sum(e.outstanding for e in self._endpoints)
+
+    def _pick(self, avoid: str | None) -> _Endpoint:
+        now = time.monotonic()
+        up = [e for e in self._endpoints if e.down_until <= now and e.url != avoid] or [
+            e for e in self._endpoints if e.down_until <= now
+        ]
+        pool = up or sorted(self._endpoints, key=lambda e: e.down_until)[:1]
+        return min(pool, key=lambda e: (e.outstanding, e.requests))
+
+    async def served_model(self) -> str:
+        """The model name to request: the configured one, else the first the server lists."""
+        if self._model is None:
+            assert self._http is not None, "use `async with`"
+            ep = self._pick(None)
+            r = await self._http.get(f"{ep.url}/models", headers=self._headers)
+            r.raise_for_status()
+            self._model = r.json()["data"][0]["id"]
+        return self._model
+
+    async def generate(self, images: Sequence[bytes], category: str | CategorySchema, temperature: float = 0.0) -> InferenceResult:
+        """One listing for one item (see module contract)."""
+        cat = category if isinstance(category, CategorySchema) else self.categories.get(category)
+        prepared = [prepare_image(b, self.max_image_bytes, self.max_image_pixels) for b in images]
+        if not prepared:
+            raise ValueError("generate() needs at least one image")
+        t_queue = time.perf_counter()
+        async with self._sem:
+            queued_ms = (time.perf_counter() - t_queue) * 1000
+            model = await self._served_model_with_retry()
+            body: dict[str, Any] = {
+                "model": model,
+                "messages": serving_messages(cat, [p.data_url() for p in prepared]),
+                "max_tokens": self.max_tokens,
+                "temperature": temperature,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": f"opal_{cat.category}", "schema": cat.json_schema(), "strict": True},
+                },
+            }
+            if self.logprobs:
+                body["logprobs"] = True
+            t0 = time.perf_counter()
+            resp, endpoint, attempts = await self._post_with_retry("/chat/completions", body)
+            inference_ms = (time.perf_counter() - t0) * 1000
+        choice = resp["choices"][0]
+        raw = choice["message"].get("content") or ""
+        listing, check = parse_listing(raw, cat)
+        lp = (choice.get("logprobs") or {}).get("content")
+        raw_keys = _raw_aspect_keys(raw)
+        conf_raw, title_conf = confidences(raw, lp, raw_keys)
+        from inference.output import normalise_name
+
+        aspect_conf = {normalise_name(k, cat): v for k, v in conf_raw.items()}
+        usage = resp.get("usage") or {}
+        return InferenceResult(
+            listing=listing,
+            check=check,
+            aspect_confidence={k: aspect_conf[k] for k in listing.aspects if k in aspect_conf},
+            title_confidence=title_conf,
+            model=model_info(resp.get("model", model)),
+            raw=raw,
+            endpoint=endpoint,
+            attempts=attempts,
+            queued_ms=queued_ms,
+            inference_ms=inference_ms,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+        )
+
+    async def _served_model_with_retry(self) -> str:
+        if self._model is not None:
+            return self._model
+        resp, _, _ = await self._request_with_retry("GET", "/models", None)
+        self._model = str(resp["data"][0]["id"])
+        return self._model
+
+    async def _post_with_retry(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], str, int]:
+        return await self._request_with_retry("POST", path, body)
+
+    async def _request_with_retry(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], str, int]:
+        assert self._http is not None, "use `async with ListingClient(...)`"
+        last_error = ""
+        avoid: str | None = None
+        for attempt in range(1, self.max_retries + 2):
+            ep = self._pick(avoid)
+            ep.outstanding += 1
+            ep.requests += 1
+            self.stats.requests += 1
+            self.stats.per_endpoint[ep.url] = self.stats.per_endpoint.get(ep.url, 0) + 1
+            try:
+                r = await self._http.request(method, f"{ep.url}{path}", json=body, headers=self._headers)
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                last_error = f"{ep.url}: {type(e).__name__}: {e}"
+            else:
+                if r.status_code < 400:
+                    return r.json(), ep.url, attempt
+                if r.status_code != 429 and r.status_code < 500:
+                    raise InferenceRejectedError(f"{ep.url}{path} answered HTTP {r.status_code}: {r.text[:500]}")
+                last_error = f"{ep.url}: HTTP {r.status_code}: {r.text[:200]}"
+            finally:
+                ep.outstanding -= 1
+            ep.failures += 1
+            ep.down_until = time.monotonic() + self.cooldown_s
+            avoid = ep.url
+            if attempt <= self.max_retries:
+                self.stats.retries += 1
+                delay = self.backoff_base_s * (2 ** (attempt - 1))
+                await asyncio.sleep(delay * (0.5 + random.random()))
+        self.stats.failures += 1
+        raise InferenceUnavailableError(f"{method} {path} failed after {self.max_retries + 1} attempts; last error: {last_error}")
+
+
+def _raw_aspect_keys(raw: str) -> list[str]:
+    import json
+
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        return []
+    aspects = doc.get("aspects") if isinstance(doc, dict) else None
+    return [str(k) for k in aspects] if isinstance(aspects, dict) else []

@@ -1,0 +1,85 @@
+"""Image checks done before any model request: sniff, bound, decode, normalise.
+
+:func:`prepare_image` raises :class:`ImageRejectedError` (not retriable) for
+anything that is not a small-enough, fully decodable JPEG/PNG/WebP/GIF; it never
+sends bytes it could not decode itself. Pure and thread-safe.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from schemas.errors import ErrorKind, OpalError
+
+ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+
+
+class ImageRejectedError(OpalError):
+    """The image is corrupt, of a disallowed type, or over a size limit."""
+
+    reason = ErrorKind.INVALID_IMAGE
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+    def data_url(self) -> str:
+        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
+
+
+def sniff(data: bytes) -> str | None:
+    for magic, fmt in MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def prepare_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: int = 40_000_000, max_side: int = 1024) -> PreparedImage:
+    """Validate ``data`` and return it ready to send (downscaled to ``max_side`` if larger)."""
+    if not data:
+        raise ImageRejectedError("image is empty")
+    if len(data) > max_bytes:
+        raise ImageRejectedError(f"image is {len(data)} bytes, limit {max_bytes}")
+    fmt = sniff(data)
+    if fmt is None:
+        raise ImageRejectedError(f"not a JPEG/PNG/WebP/GIF image (starts with {data[:8].hex()})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
+                w, h = probe.size
+                if w * h > max_pixels:
+                    raise ImageRejectedError(f"image is {w}x{h} = {w * h} pixels, limit {max_pixels}")
+                probe.verify()
+            with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+                img.load()  # full decode: catches truncated bodies verify() misses
+                if max(w, h) <= max_side and fmt in ("JPEG", "PNG"):
+                    return PreparedImage(data, ALLOWED_FORMATS[fmt], w, h)
+                rgb = img.convert("RGB")
+                rgb.thumbnail((max_side, max_side))
+                out = io.BytesIO()
+                rgb.save(out, format="JPEG", quality=90)
+                return PreparedImage(out.getvalue(), "image/jpeg", rgb.width, rgb.height)
+    except ImageRejectedError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejectedError(f"decompression bomb: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageRejectedError(f"corrupt {fmt} image: {type(e).__name__}: {e}") from None

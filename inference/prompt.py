@@ -1,0 +1,64 @@
+"""The OPAL instruction: one definition for serving, SFT data and judging.
+
+Serving (:func:`serving_messages`) and training (:func:`sft_prompt`) build the same
+conversation; the only difference is how the image is attached (an OpenAI
+``image_url`` part vs. a TRL ``{"type": "image"}`` part), which the chat template
+renders to the same placeholder. ``tests/test_prompt.py`` proves the rendered texts
+are identical, so train and serve prompts cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from schemas.category import CategorySchema
+
+SYSTEM_PROMPT = (
+    "You are OPAL, a marketplace listing writer. You describe only what the product photo shows "
+    "or clearly implies, and you answer with one JSON object."
+)
+
+PROMPT_VERSION = "opal-prompt-v1"
+
+
+def instruction(category: CategorySchema) -> str:
+    """The user instruction for a category: task, allowed aspects and output format."""
+    parts: list[str] = []
+    for a in category.visual_aspects:
+        allowed = f"one of: {', '.join(a.values)}" if a.values is not None else "short text"
+        parts.append(f"- {a.name}{' (required)' if a.required else ''}: {allowed}")
+    return (
+        f"Write a marketplace listing for the {category.display_name.lower()} item in the image.\n"
+        f"Category: {category.category}\n"
+        f"Return JSON: {{\"title\": string (at most {category.title_max_chars} characters), \"aspects\": object}}.\n"
+        "Use only these aspects, and only when the image shows or clearly implies them:\n" + "\n".join(parts) + "\n"
+        "Leave out sizes, model numbers, prices, shipping and promotional words."
+    )
+
+
+def serving_messages(category: CategorySchema, image_urls: list[str]) -> list[dict[str, Any]]:
+    """OpenAI chat messages for a vLLM request (images as URLs or data: URLs)."""
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    content.append({"type": "text", "text": instruction(category)})
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}, {"role": "user", "content": content}]
+
+
+def sft_prompt(category: CategorySchema, n_images: int = 1) -> list[dict[str, Any]]:
+    """The same conversation in TRL's conversational prompt format (images in an ``images`` column)."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": instruction(category)})
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]}, {"role": "user", "content": content}]
+
+
+def completion_json(title: str, aspects: Mapping[str, str], category: CategorySchema) -> str:
+    """The target completion: title first, aspects in schema order, compact (what decoding emits)."""
+    order = {name: i for i, name in enumerate(category.names)}
+    ordered = dict(sorted(aspects.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return json.dumps({"title": title, "aspects": ordered}, ensure_ascii=False, separators=(",", ":"))
+
+
+def sft_completion(title: str, aspects: Mapping[str, str], category: CategorySchema) -> list[dict[str, Any]]:
+    """TRL conversational completion for one example."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": completion_json(title, aspects, category)}]}]

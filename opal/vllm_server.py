@@ -1,0 +1,136 @@
+"""Launch a real vLLM OpenAI-compatible server for an OPAL model folder.
+
+:func:`vllm_argv` renders the server flags from :class:`~schemas.settings.VllmSettings`
+(the same settings render the GPU flag set for production manifests);
+:func:`start_vllm` runs it as a :class:`~opal.embedded.ManagedProcess` (log file,
+no orphans, idempotent stop) and returns once ``/health`` answers.
+
+The model is served as ``<name>@<version>`` from the folder's ``opal_model.json``, so
+every response names the exact model version that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from opal.embedded import ManagedProcess, ServiceStartError, free_port
+from schemas.settings import VllmSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_python(explicit: Path | None = None) -> Path:
+    """Interpreter of the model-side environment: explicit, this one if it has vLLM, else .venv-model."""
+    if explicit is not None:
+        return explicit
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
+    candidate = REPO / ".venv-model" / "bin" / "python"
+    if candidate.exists():
+        return candidate
+    raise ServiceStartError("no model-side environment: run `make install-model` or set OPAL_VLLM_PYTHON")
+
+
+def served_name(model_dir: Path) -> str:
+    card = model_dir / "opal_model.json"
+    if card.exists():
+        c = json.loads(card.read_text())
+        return f"{c['name']}@{c['version']}"
+    return model_dir.name
+
+
+def vllm_argv(settings: VllmSettings, model_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """Arguments after ``python -m vllm.entrypoints.openai.api_server``."""
+    argv = [
+        "--model", str(model_dir),
+        "--served-model-name", served_name(model_dir),
+        "--host", host,
+        "--port", str(port),
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--max-num-seqs", str(settings.max_num_seqs),
+        "--limit-mm-per-prompt", json.dumps({"image": settings.images_per_prompt, "video": 0}),
+        "--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}),
+        "--max-logprobs", "5",
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if settings.device == "cpu":
+        argv += ["--enforce-eager"]
+    else:
+        argv += [
+            "--tensor-parallel-size", str(settings.tensor_parallel_size),
+            "--gpu-memory-utilization", str(settings.gpu_memory_utilization),
+        ]  # fmt: skip
+    return argv
+
+
+def vllm_env(settings: VllmSettings, run_dir: Path) -> dict[str, str]:
+    tmp = run_dir / "vllm-tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "TMPDIR": str(tmp),
+        "VLLM_CACHE_ROOT": str(run_dir / "vllm-cache"),
+        "VLLM_RPC_BASE_PATH": str(tmp),
+    }
+    if settings.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    return env
+
+
+def _health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def start_vllm(
+    model_dir: Path,
+    settings: VllmSettings,
+    run_dir: Path,
+    port: int | None = None,
+    python: Path | None = None,
+    timeout_s: float = 300.0,
+    attached: bool = True,
+) -> tuple[ManagedProcess, str]:
+    """Start the server; returns (process, base URL ending in /v1) once /health is 200."""
+    model_dir = model_dir.resolve()
+    if not (model_dir / "config.json").exists():
+        raise ServiceStartError(f"{model_dir} is not a model folder (no config.json); build one with `opal model init-tiny`")
+    port = port or free_port()
+    py = model_python(python)
+    argv = [str(py), "-m", "vllm.entrypoints.openai.api_server", *vllm_argv(settings, model_dir, port)]
+    env = vllm_env(settings, run_dir)
+    proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached).start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise ServiceStartError(f"vLLM exited during start-up. Log tail:\n{proc.log_tail(40)}")
+        if _health(base + "/health"):
+            return proc, base + "/v1"
+        time.sleep(0.5)
+    proc.stop()
+    raise ServiceStartError(f"vLLM not healthy after {timeout_s:.0f} s. Log tail:\n{proc.log_tail(40)}")
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m opal.vllm_server MODEL_DIR
+    p, url = start_vllm(Path(sys.argv[1]), VllmSettings(), Path(os.environ.get("TMPDIR", "/tmp")) / "opal-vllm")
+    print(url, flush=True)
+    try:
+        p.proc.wait() if p.proc else None
+    finally:
+        p.stop()
