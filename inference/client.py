@@ -20,6 +20,7 @@ Contract of :meth:`ListingClient.generate`
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import httpx
 
 from inference.images import prepare_image
-from inference.output import Listing, parse_listing
+from inference.output import Listing, normalise_name, parse_listing
 from inference.prompt import serving_messages
 from schemas.category import CategoryRegistry, CategorySchema, default_categories
 from schemas.errors import ErrorKind, OpalError
@@ -118,8 +119,6 @@ def confidences(raw: str, tokens: list[dict[str, Any]] | None, listing_raw_keys:
     """
     if not tokens:
         return {}, None
-    import json
-
     spans = _token_spans(tokens)
     out: dict[str, float] = {}
     title_conf = None
@@ -146,8 +145,6 @@ def confidences(raw: str, tokens: list[dict[str, Any]] | None, listing_raw_keys:
 
 
 def _json_str_at(raw: str, quote_pos: int) -> str:
-    import json
-
     decoder = json.JSONDecoder()
     try:
         value, _ = decoder.raw_decode(raw, quote_pos)
@@ -174,6 +171,7 @@ class ListingClient:
         max_image_bytes: int = 10 * 1024 * 1024,
         max_image_pixels: int = 40_000_000,
         logprobs: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("ListingClient needs at least one endpoint")
@@ -192,10 +190,13 @@ class ListingClient:
         self.logprobs = logprobs
         self.stats = ClientStats()
         self._http: httpx.AsyncClient | None = None
+        self._transport = transport
+        self._max_concurrency = max_concurrency
 
     async def __aenter__(self) -> ListingClient:
-        limits = httpx.Limits(max_connections=self._sem._value * 2, max_keepalive_connections=self._sem._value)
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)), limits=limits)
+        limits = httpx.Limits(max_connections=self._max_concurrency * 2, max_keepalive_connections=self._max_concurrency)
+        timeout = httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=self._transport)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -209,21 +210,9 @@ class ListingClient:
 
     def _pick(self, avoid: str | None) -> _Endpoint:
         now = time.monotonic()
-        up = [e for e in self._endpoints if e.down_until <= now and e.url != avoid] or [
-            e for e in self._endpoints if e.down_until <= now
-        ]
+        up = [e for e in self._endpoints if e.down_until <= now and e.url != avoid] or [e for e in self._endpoints if e.down_until <= now]
         pool = up or sorted(self._endpoints, key=lambda e: e.down_until)[:1]
         return min(pool, key=lambda e: (e.outstanding, e.requests))
-
-    async def served_model(self) -> str:
-        """The model name to request: the configured one, else the first the server lists."""
-        if self._model is None:
-            assert self._http is not None, "use `async with`"
-            ep = self._pick(None)
-            r = await self._http.get(f"{ep.url}/models", headers=self._headers)
-            r.raise_for_status()
-            self._model = r.json()["data"][0]["id"]
-        return self._model
 
     async def generate(self, images: Sequence[bytes], category: str | CategorySchema, temperature: float = 0.0) -> InferenceResult:
         """One listing for one item (see module contract)."""
@@ -248,7 +237,7 @@ class ListingClient:
             if self.logprobs:
                 body["logprobs"] = True
             t0 = time.perf_counter()
-            resp, endpoint, attempts = await self._post_with_retry("/chat/completions", body)
+            resp, endpoint, attempts = await self._request_with_retry("POST", "/chat/completions", body)
             inference_ms = (time.perf_counter() - t0) * 1000
         choice = resp["choices"][0]
         raw = choice["message"].get("content") or ""
@@ -256,8 +245,6 @@ class ListingClient:
         lp = (choice.get("logprobs") or {}).get("content")
         raw_keys = _raw_aspect_keys(raw)
         conf_raw, title_conf = confidences(raw, lp, raw_keys)
-        from inference.output import normalise_name
-
         aspect_conf = {normalise_name(k, cat): v for k, v in conf_raw.items()}
         usage = resp.get("usage") or {}
         return InferenceResult(
@@ -281,9 +268,6 @@ class ListingClient:
         resp, _, _ = await self._request_with_retry("GET", "/models", None)
         self._model = str(resp["data"][0]["id"])
         return self._model
-
-    async def _post_with_retry(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], str, int]:
-        return await self._request_with_retry("POST", path, body)
 
     async def _request_with_retry(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], str, int]:
         assert self._http is not None, "use `async with ListingClient(...)`"
@@ -319,8 +303,6 @@ class ListingClient:
 
 
 def _raw_aspect_keys(raw: str) -> list[str]:
-    import json
-
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, TypeError):

@@ -32,7 +32,7 @@ def instruction(category: CategorySchema) -> str:
     return (
         f"Write a marketplace listing for the {category.display_name.lower()} item in the image.\n"
         f"Category: {category.category}\n"
-        f"Return JSON: {{\"title\": string (at most {category.title_max_chars} characters), \"aspects\": object}}.\n"
+        f'Return JSON: {{"title": string (at most {category.title_max_chars} characters), "aspects": object}}.\n'
         "Use only these aspects, and only when the image shows or clearly implies them:\n" + "\n".join(parts) + "\n"
         "Leave out sizes, model numbers, prices, shipping and promotional words."
     )

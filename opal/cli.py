@@ -32,10 +32,12 @@ dev_app = typer.Typer(help="Embedded local services (tansu broker, valkey).", no
 topology_app = typer.Typer(help="Kafka topics and consumer groups.", no_args_is_help=True)
 schemas_app = typer.Typer(help="Event and category schemas.", no_args_is_help=True)
 events_app = typer.Typer(help="Publish and inspect events.", no_args_is_help=True)
+model_app = typer.Typer(help="Build OPAL model folders (runs in the model environment).", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(events_app, name="events")
+app.add_typer(model_app, name="model")
 
 console = Console()
 
@@ -67,12 +69,18 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 
 
 @app.command("settings")
-def settings_cmd() -> None:
+def settings_cmd(markdown: Annotated[bool, typer.Option(help="Print a Markdown table (as in the README).")] = False) -> None:
     """Print every setting, its environment variable and value (secrets masked)."""
+    rows = _settings().describe()
+    if markdown:
+        print("| variable | default | meaning |\n| --- | --- | --- |")
+        for name, value, desc in rows:
+            print(f"| `{name}` | `{value}` | {desc} |" if value else f"| `{name}` | | {desc} |")
+        return
     table = Table(title="OPAL settings")
     for col in ("variable", "value", "meaning"):
         table.add_column(col, overflow="fold")
-    for name, value, desc in _settings().describe():
+    for name, value, desc in rows:
         table.add_row(name, value, desc)
     console.print(table)
 
@@ -307,6 +315,98 @@ def demo(samples: Annotated[Path, typer.Option(help="Sample folder.")] = SAMPLE_
         f"demo: {n} events in, {len(good)} decoded and valid, {len(dead)} dead letters "
         f"(model stage: not built yet) in {time.monotonic() - t0:.1f} s"
     )
+
+
+# -- model side ---------------------------------------------------------------------------
+def _in_model_env(args: list[str]) -> None:
+    """Run this CLI command again in the model-side interpreter when this one lacks torch."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("torch") is not None:
+        return
+    from opal.vllm_server import model_python
+
+    py = model_python(OpalSettings().vllm.python)
+    raise typer.Exit(subprocess.call([str(py), "-m", "opal.cli", *args]))
+
+
+@model_app.command("init-tiny")
+def model_init_tiny(
+    out: Annotated[Path, typer.Option(help="Folder to write the model into.")],
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical files.")] = 0,
+) -> None:
+    """Build a tiny random-weight Qwen2-VL (tokenizer, processor, weights) with no downloads."""
+    _in_model_env(["model", "init-tiny", "--out", str(out), "--seed", str(seed)])
+    from training.tiny_model import TinyModelConfig, build_tiny_model
+
+    with console.status("building tiny Qwen2-VL ..."):
+        card = build_tiny_model(out, TinyModelConfig(seed=seed))
+    t = Table("field", "value", title=f"model in {out}")
+    for k in ("name", "version", "parameters"):
+        t.add_row(k, card[k])
+    console.print(t)
+
+
+@app.command("serve")
+def serve(
+    model: Annotated[Path, typer.Option(help="Model folder (config.json, weights, processor).")],
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 8000,
+    timeout_s: Annotated[float, typer.Option(help="Longest wait for /health.")] = 300.0,
+) -> None:
+    """Run a real vLLM OpenAI-compatible server for MODEL until Ctrl-C."""
+    _sigterm_as_interrupt()
+    from opal.vllm_server import served_name, start_vllm
+
+    s = OpalSettings()
+    run_dir = s.embedded.run_dir.resolve()
+    with console.status(f"starting vLLM on {model} ..."):
+        proc, url = start_vllm(model, s.vllm, run_dir, port=port or None, timeout_s=timeout_s)
+    console.print(f"serving [bold]{served_name(model.resolve())}[/] at {url}  (log: {proc.log_path}); Ctrl-C stops it")
+    print(f"export OPAL_VLLM_ENDPOINTS='[\"{url}\"]'", flush=True)
+    try:
+        while proc.alive():
+            time.sleep(0.5)
+        console.print(f"[red]vLLM exited.[/] Log tail:\n{proc.log_tail()}")
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        proc.stop()
+
+
+@app.command("generate")
+def generate(
+    image: Annotated[Path, typer.Argument(help="Product photo (JPEG/PNG/WebP).")],
+    category: Annotated[str, typer.Option(help="Category slug (see `opal schemas categories`).")],
+    endpoint: Annotated[str | None, typer.Option(help="vLLM base URL ending in /v1; default OPAL_VLLM_ENDPOINTS.")] = None,
+) -> None:
+    """Write one listing for IMAGE through the configured vLLM endpoint(s)."""
+    import asyncio
+
+    from inference.client import ListingClient
+
+    s = OpalSettings()
+    endpoints = [endpoint] if endpoint else s.vllm.endpoints
+    if not endpoints:
+        console.print("[red]No endpoint.[/] Pass --endpoint or set OPAL_VLLM_ENDPOINTS (see `opal serve`).")
+        raise typer.Exit(2)
+
+    async def run() -> Any:
+        async with ListingClient(endpoints, model=s.vllm.model, timeout_s=s.vllm.request_timeout_s, max_retries=s.vllm.max_retries) as c:
+            return await c.generate([image.read_bytes()], category)
+
+    try:
+        r = asyncio.run(run())
+    except OpalError as e:
+        console.print(f"[red]{type(e).__name__} ({e.reason}):[/] {e}")
+        raise typer.Exit(1) from None
+    t = Table("aspect", "value", "confidence", title=f"{r.listing.title}")
+    for k, v in r.listing.aspects.items():
+        conf = r.aspect_confidence.get(k)
+        t.add_row(k, v, "" if conf is None else f"{conf:.2f}")
+    console.print(t)
+    console.print(f"model {r.model.name} {r.model.version} · {r.inference_ms:.0f} ms · {r.completion_tokens} tokens")
 
 
 def main() -> None:

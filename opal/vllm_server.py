@@ -111,7 +111,7 @@ def start_vllm(
     if not (model_dir / "config.json").exists():
         raise ServiceStartError(f"{model_dir} is not a model folder (no config.json); build one with `opal model init-tiny`")
     port = port or free_port()
-    py = model_python(python)
+    py = model_python(python or settings.python)
     argv = [str(py), "-m", "vllm.entrypoints.openai.api_server", *vllm_argv(settings, model_dir, port)]
     env = vllm_env(settings, run_dir)
     proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached).start()

