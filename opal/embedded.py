@@ -122,23 +122,44 @@ class ManagedProcess:
             return "(no log)"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL after ``timeout_s``."""
+        """SIGTERM the whole process group, then SIGKILL what is left after ``timeout_s``.
+
+        Signals the group even when its leader is already dead, so grandchildren
+        (e.g. vLLM's engine-core and worker processes) never outlive a crashed server.
+        """
         if self.pid is None:
             return
-        if self.alive():
+        if self.alive() or _group_members(self.pid):
             _signal_group(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
-            while self.alive() and time.monotonic() < deadline:
+            while (self.alive() or _group_members(self.pid)) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if self.alive():
+            if self.alive() or _group_members(self.pid):
                 _signal_group(self.pid, signal.SIGKILL)
-                while self.alive() and time.monotonic() < deadline + 5:
+                while (self.alive() or _group_members(self.pid)) and time.monotonic() < deadline + 5:
                     time.sleep(0.05)
         if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
         if self in _LIVE:
             _LIVE.remove(self)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    members: list[int] = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(d.name))
+    return members
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -60,6 +60,7 @@ def vllm_argv(settings: VllmSettings, model_dir: Path, port: int, host: str = "1
         "--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}),
         "--max-logprobs", "5",
         "--disable-log-stats",
+        "--disable-uvicorn-access-log",
     ]  # fmt: skip
     if settings.device == "cpu":
         argv += ["--enforce-eager"]

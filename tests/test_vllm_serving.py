@@ -24,6 +24,7 @@ import pytest
 from inference.client import InferenceUnavailableError, ListingClient
 from inference.images import ImageRejectedError
 from inference.prompt import serving_messages
+from opal.embedded import _group_members
 from opal.samples import load_samples
 from opal.vllm_server import start_vllm
 from schemas.category import default_categories
@@ -180,7 +181,8 @@ def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
+    # the API server was SIGKILLed; its engine-core and worker processes (same group) must not outlive `opal serve`
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in vllm_pids):
+    while time.monotonic() < deadline and any(_group_members(p) for p in vllm_pids):
         time.sleep(0.2)
-    assert not any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2] for p in vllm_pids)
+    assert not any(_group_members(p) for p in vllm_pids), "vLLM processes outlived opal serve"
