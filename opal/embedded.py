@@ -139,10 +139,8 @@ class ManagedProcess:
                 while (self.alive() or _group_members(self.pid)) and time.monotonic() < deadline + 5:
                     time.sleep(0.05)
         if self.proc is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
         if self in _LIVE:
             _LIVE.remove(self)
 

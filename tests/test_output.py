@@ -21,7 +21,9 @@ def test_valid_output_parses() -> None:
 
 
 def test_normalisation_of_names_values_and_whitespace() -> None:
-    raw = '{"title":"  White   court\\nshoes ","aspects":{"colour":" Gray ","HEEL TYPE":"Kitten","closure_type":"laces","Brand":"  Find. "}}'
+    raw = (
+        '{"title":"  White   court\\nshoes ","aspects":{"colour":" Gray ","HEEL TYPE":"Kitten","closure_type":"laces","Brand":"  Find. "}}'
+    )
     listing, check = parse_listing(raw, SHOES)
     assert listing.title == "White court shoes"
     assert listing.aspects == {"Color": "grey", "Heel Type": "kitten", "Closure": "lace-up", "Brand": "Find."}

@@ -39,8 +39,9 @@ MODEL_PY = REPO / ".venv-model" / "bin" / "python"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model")
-    r = subprocess.run([opal_bin(), "model", "init-tiny", "--out", str(out), "--seed", "3"], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [opal_bin(), "model", "init-tiny", "--out", str(out), "--seed", "3"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return out
 
@@ -55,8 +56,9 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_init_tiny_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
-    r = subprocess.run([opal_bin(), "model", "init-tiny", "--out", str(tmp_path), "--seed", "3"], capture_output=True,
-                       text=True, cwd=REPO, timeout=300)
+    r = subprocess.run(
+        [opal_bin(), "model", "init-tiny", "--out", str(tmp_path), "--seed", "3"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert r.returncode == 0
     for f in sorted(tiny_model.iterdir()):
         assert (tmp_path / f.name).read_bytes() == f.read_bytes(), f.name
@@ -107,8 +109,11 @@ def test_serving_prompt_equals_trl_training_prompt(server: str, tiny_model: Path
     cat = default_categories().get(sample.product_type)
     url = "data:image/jpeg;base64," + base64.b64encode(sample.image.read_bytes()).decode()
     model = httpx.get(f"{server}/models", timeout=30).json()["data"][0]["id"]
-    r = httpx.post(server.removesuffix("/v1") + "/tokenize", timeout=60,
-                   json={"model": model, "messages": serving_messages(cat, [url]), "add_generation_prompt": True})
+    r = httpx.post(
+        server.removesuffix("/v1") + "/tokenize",
+        timeout=60,
+        json={"model": model, "messages": serving_messages(cat, [url]), "add_generation_prompt": True},
+    )
     assert r.status_code == 200, r.text
     served_ids = r.json()["tokens"]
     probe = (
@@ -143,8 +148,9 @@ def _children(pid: int) -> list[int]:
 def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
     env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
-    serve = subprocess.Popen([opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE,
-                             text=True, cwd=REPO, env=env)
+    serve = subprocess.Popen(
+        [opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
+    )
     try:
         assert serve.stdout is not None
         url = ""
