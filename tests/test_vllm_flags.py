@@ -1,0 +1,38 @@
+"""`opal serve` flag rendering: the same settings give the CPU set here and the GPU set in production."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opal.vllm_server import served_name, vllm_argv, vllm_env
+from schemas.settings import VllmSettings
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_cpu_flags(tmp_path: Path) -> None:
+    (tmp_path / "opal_model.json").write_text(json.dumps({"name": "opal", "version": "v9"}))
+    argv = vllm_argv(VllmSettings(), tmp_path, 8000)
+    assert "--enforce-eager" in argv and "--tensor-parallel-size" not in argv
+    assert _flag(argv, "--served-model-name") == "opal@v9" == served_name(tmp_path)
+    assert json.loads(_flag(argv, "--structured-outputs-config")) == {"backend": "guidance", "disable_any_whitespace": True}
+    assert json.loads(_flag(argv, "--limit-mm-per-prompt")) == {"image": 1, "video": 0}
+    env = vllm_env(VllmSettings(cpu_kv_cache_gib=2), tmp_path)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["TMPDIR"].startswith(str(tmp_path))
+
+
+def test_gpu_flags(tmp_path: Path) -> None:
+    s = VllmSettings(device="cuda", tensor_parallel_size=4, gpu_memory_utilization=0.85, max_num_seqs=256, images_per_prompt=3)
+    argv = vllm_argv(s, tmp_path, 8000, host="0.0.0.0")
+    assert "--enforce-eager" not in argv
+    assert _flag(argv, "--tensor-parallel-size") == "4"
+    assert _flag(argv, "--gpu-memory-utilization") == "0.85"
+    assert _flag(argv, "--max-num-seqs") == "256"
+    assert _flag(argv, "--host") == "0.0.0.0"
+    assert json.loads(_flag(argv, "--limit-mm-per-prompt"))["image"] == 3
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_env(s, tmp_path)
+    assert _flag(argv, "--served-model-name") == tmp_path.name
