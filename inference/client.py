@@ -262,6 +262,10 @@ class ListingClient:
             completion_tokens=int(usage.get("completion_tokens", 0)),
         )
 
+    async def served_model(self) -> str:
+        """``name@version`` of the model requests go to: the configured one, else the first the server lists (retried)."""
+        return await self._served_model_with_retry()
+
     async def _served_model_with_retry(self) -> str:
         if self._model is not None:
             return self._model

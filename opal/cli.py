@@ -33,11 +33,13 @@ topology_app = typer.Typer(help="Kafka topics and consumer groups.", no_args_is_
 schemas_app = typer.Typer(help="Event and category schemas.", no_args_is_help=True)
 events_app = typer.Typer(help="Publish and inspect events.", no_args_is_help=True)
 model_app = typer.Typer(help="Build OPAL model folders (runs in the model environment).", no_args_is_help=True)
+worker_app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(events_app, name="events")
 app.add_typer(model_app, name="model")
+app.add_typer(worker_app, name="worker")
 
 console = Console()
 
@@ -315,6 +317,43 @@ def demo(samples: Annotated[Path, typer.Option(help="Sample folder.")] = SAMPLE_
         f"demo: {n} events in, {len(good)} decoded and valid, {len(dead)} dead letters "
         f"(model stage: not built yet) in {time.monotonic() - t0:.1f} s"
     )
+
+
+# -- workers -----------------------------------------------------------------------------
+@worker_app.command("enrich")
+def worker_enrich(
+    idle_exit: Annotated[float | None, typer.Option(help="Exit after this many seconds with nothing to do (batch runs).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (default OPAL_WORKER_METRICS_PORT; 0 = free).")] = None,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Consume listing-image events, write AspectEvents (or DeadLetters) until SIGTERM/Ctrl-C."""
+    import asyncio
+    import logging
+
+    from workers.enrich import run_worker
+    from workers.metrics import WorkerMetrics
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model request is noise
+    s = _settings()
+    _require_kafka(s)
+    metrics = WorkerMetrics()
+    port = metrics.serve(s.worker.metrics_port if metrics_port is None else metrics_port)
+    console.print(f"metrics on http://127.0.0.1:{port}/metrics", highlight=False)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        w = await run_worker(s, stop, idle_exit_s=idle_exit, metrics=metrics)
+        console.print(f"enrich worker stopped after {w.outputs} outputs")
+
+    try:
+        asyncio.run(main())
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
 
 
 # -- model side ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@ class ErrorKind(StrEnum):
     INVALID_OUTPUT = "invalid_output"
     INFERENCE_FAILED = "inference_failed"
     INFERENCE_REJECTED = "inference_rejected"
+    IMAGE_FETCH = "image_fetch_failed"
+    INTERNAL = "internal_error"
 
 
 class OpalError(Exception):

@@ -159,12 +159,19 @@ class WorkerSettings(BaseModel):
     max_in_flight: int = Field(64, ge=1, description="Events being processed at once; above it partitions are paused.")
     backfill_share: float = Field(0.2, ge=0, le=1, description="Share of capacity backfill may use while realtime has backlog.")
     max_attempts: int = Field(3, ge=1, description="Tries for a retriable failure before it is dead-lettered.")
+    retry_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per attempt (capped at 30 s).")
+    max_model_latency_s: float = Field(
+        30.0, ge=0, description="Median model latency above which the in-flight window shrinks to a quarter; 0 disables."
+    )
     image_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image download/file accepted.")
     image_max_pixels: int = Field(40_000_000, ge=1024, description="Largest decoded image (width*height); guards decompression bombs.")
     image_fetch_timeout_s: float = Field(10.0, gt=0, description="Whole-download timeout for http(s) images.")
     allowed_file_root: Path | None = Field(None, description="file:// images must lie under this folder; unset: file:// refused.")
     allowed_http_hosts: list[str] = Field(
         default_factory=list, description="Host names http(s) images may come from; empty: http(s) refused."
+    )
+    allow_private_addresses: bool = Field(
+        False, description="Let allow-listed image hosts resolve to private/loopback addresses (tests, on-prem CDNs)."
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
 

@@ -45,6 +45,9 @@ def make_consumer(kafka: KafkaSettings, group_id: str, **extra: Any) -> Consumer
             "session.timeout.ms": kafka.session_timeout_ms,
             "partition.assignment.strategy": "range,roundrobin",
             "fetch.wait.max.ms": 50,
+            # bound librdkafka's prefetch queue: with paused partitions this caps worker memory under any backlog
+            "queued.max.messages.kbytes": 8192,
+            "queued.min.messages": 1000,
             **extra,
         }
     )

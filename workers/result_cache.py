@@ -1,0 +1,78 @@
+"""Redis cache of generated listings, keyed by model version, category and image content.
+
+Contract
+- ``get`` returns a stored :class:`CachedListing` or None; ``put`` stores one with
+  the configured TTL. Both are idempotent.
+- A Redis failure never fails the event: ``get`` degrades to a miss and ``put`` to a
+  no-op; both count it in ``errors`` so metrics show a sick cache.
+- Keys: ``<prefix>result:<model version>:<category>:<sha256 of the image bytes>``.
+  A new model version never sees an old version's results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedListing:
+    title: str
+    aspects: list[tuple[str, str, float]]
+    unknown_keys: list[str] = field(default_factory=list)
+    invalid_values: list[str] = field(default_factory=list)
+    model_name: str = ""
+    model_version: str = ""
+
+
+def images_digest(images: list[bytes]) -> str:
+    """sha256 of one image, or of the concatenated per-image digests for several."""
+    if len(images) == 1:
+        return hashlib.sha256(images[0]).hexdigest()
+    return hashlib.sha256(b"".join(hashlib.sha256(i).digest() for i in images)).hexdigest()
+
+
+class ResultCache:
+    def __init__(self, url: str, ttl_s: int, prefix: str = "opal:") -> None:
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self.errors = 0
+
+    def key(self, model_version: str, category: str, digest: str) -> str:
+        return f"{self.prefix}result:{model_version}:{category}:{digest}"
+
+    async def get(self, model_version: str, category: str, digest: str) -> CachedListing | None:
+        try:
+            raw = await self._redis.get(self.key(model_version, category, digest))
+        except (RedisError, OSError) as e:
+            self.errors += 1
+            log.warning("result cache get failed (treated as a miss): %s", e)
+            return None
+        if raw is None:
+            return None
+        try:
+            d = json.loads(raw)
+            d["aspects"] = [tuple(a) for a in d["aspects"]]
+            return CachedListing(**d)
+        except (ValueError, TypeError, KeyError) as e:
+            self.errors += 1
+            log.warning("unreadable cache entry ignored: %s", e)
+            return None
+
+    async def put(self, model_version: str, category: str, digest: str, value: CachedListing) -> None:
+        try:
+            await self._redis.set(self.key(model_version, category, digest), json.dumps(asdict(value)), ex=self.ttl_s)
+        except (RedisError, OSError) as e:
+            self.errors += 1
+            log.warning("result cache put failed (ignored): %s", e)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
