@@ -25,7 +25,7 @@ from schemas.category import default_categories
 from schemas.errors import OpalError
 from schemas.events import DeadLetter, Lane, ListingImageEvent
 from schemas.serde import EventCodec, framing_for
-from schemas.settings import EmbeddedSettings, OpalSettings
+from schemas.settings import OpalSettings
 
 app = typer.Typer(help="OPAL: product photo -> schema-compliant marketplace listing.", no_args_is_help=True, add_completion=False)
 dev_app = typer.Typer(help="Embedded local services (tansu broker, valkey).", no_args_is_help=True)
@@ -280,43 +280,11 @@ def _read_back(s: OpalSettings, expected: int, timeout_s: float = 30.0) -> tuple
 
 @app.command("demo")
 def demo(samples: Annotated[Path, typer.Option(help="Sample folder.")] = SAMPLE_DIR) -> None:
-    """Run the pipeline on embedded defaults and print what happened."""
+    """Run the whole pipeline on embedded defaults (broker, valkey, vLLM, worker) and print what happened."""
     _sigterm_as_interrupt()
-    from confluent_kafka.admin import AdminClient
+    from opal.demo import print_result, run_demo
 
-    from topology.admin import apply_topology
-    from topology.declared import build_topology
-
-    base = OpalSettings()
-    run_dir = base.embedded.run_dir / "demo"
-    s0 = base.model_copy(update={"embedded": EmbeddedSettings(**{**base.embedded.model_dump(), "run_dir": run_dir})})
-    t0 = time.monotonic()
-    with console.status("starting embedded broker and valkey ..."):
-        stack = EmbeddedStack(s0).start()
-    with stack:
-        s = stack.settings
-        console.print(f"[bold]1.[/] services: kafka {s.kafka.bootstrap}, redis {s.redis.url_value()} ({time.monotonic() - t0:.1f} s)")
-        results = apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
-        console.print(
-            f"[bold]2.[/] topology: {sum(r.status == 'created' for r in results)} topics created, "
-            f"{sum(r.status == 'ok' for r in results)} verified"
-        )
-        n = _publish_samples(s, Lane.REALTIME, True, samples)
-        console.print(f"[bold]3.[/] published {n} ListingImageEvents ({n - 2} real ABO listings + 2 deliberately bad)")
-        with console.status("reading them back ..."):
-            good, dead = _read_back(s, n)
-        t = Table("listing", "category", "seller title", "image", title="events read back")
-        for ev in good:
-            t.add_row(ev.listing_id, ev.category, (ev.seller_title or "")[:60], Path(ev.images[0].uri).name)
-        console.print(t)
-        d = Table("key", "reason", "message", title="dead letters")
-        for dl in dead:
-            d.add_row((dl.key or b"").decode(errors="replace"), dl.error_kind, dl.error_message[:90])
-        console.print(d)
-    console.print(
-        f"demo: {n} events in, {len(good)} decoded and valid, {len(dead)} dead letters "
-        f"(model stage: not built yet) in {time.monotonic() - t0:.1f} s"
-    )
+    print_result(console, run_demo(console, samples))
 
 
 # -- workers -----------------------------------------------------------------------------

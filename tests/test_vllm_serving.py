@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +25,17 @@ from inference.images import ImageRejectedError
 from inference.prompt import serving_messages
 from opal.embedded import _group_members
 from opal.samples import load_samples
-from opal.vllm_server import start_vllm
 from schemas.category import default_categories
 from schemas.errors import OpalError
-from schemas.settings import VllmSettings
 from tests.conftest import REPO, opal_bin
 
 pytestmark = pytest.mark.vllm
 MODEL_PY = REPO / ".venv-model" / "bin" / "python"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-model")
-    r = subprocess.run(
-        [opal_bin(), "model", "init-tiny", "--out", str(out), "--seed", "3"], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    proc, url = start_vllm(tiny_model, VllmSettings(), tmp_path_factory.mktemp("vllm-run"), timeout_s=400)
-    try:
-        yield url
-    finally:
-        proc.stop()
+@pytest.fixture
+def server(vllm_url: str) -> str:
+    return vllm_url
 
 
 def test_init_tiny_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:

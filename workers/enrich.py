@@ -123,7 +123,7 @@ class EnrichWorker:
     def __init__(
         self,
         settings: OpalSettings,
-        consumer: Consumer,
+        consumers: dict[Lane, Consumer],
         producer: Producer,
         client: ListingClient,
         loader: ImageLoader,
@@ -137,7 +137,7 @@ class EnrichWorker:
     ) -> None:
         self.s = settings
         self.w = settings.worker
-        self.consumer = consumer
+        self.consumers = consumers
         self.producer = producer
         self.client = client
         self.loader = loader
@@ -160,24 +160,45 @@ class EnrichWorker:
         self._last_lag_check = 0.0
         self.lanes = {settings.topics.images_realtime: Lane.REALTIME, settings.topics.images_backfill: Lane.BACKFILL}
         self.outputs = 0
+        self._last_rt = 0.0  # when the realtime lane last delivered records
+        self._joined: set[Lane] = set()  # lanes whose consumer completed a group join
 
     # -- lifecycle -------------------------------------------------------------------------
+    def _consumer_of(self, topic: str) -> Consumer:
+        return self.consumers[self.lanes.get(topic, Lane.BACKFILL)]
+
     def subscribe(self) -> None:
-        self.consumer.subscribe(list(self.lanes), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        for lane, consumer in self.consumers.items():
+            topic = self.s.topics.images_realtime if lane is Lane.REALTIME else self.s.topics.images_backfill
+            consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._joined |= {lane for lane, c in self.consumers.items() if c is consumer}  # also on an empty assignment
         for tp in parts:
             self.assigned.add((tp.topic, tp.partition))
-        log.info("assigned %s", sorted(self.assigned))
+        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in parts))
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        self._store_and_commit(sync=True)
+        self._commit(consumer)
         for tp in parts:
             key = (tp.topic, tp.partition)
             self.assigned.discard(key)
             self.paused.discard(key)
             self.tracker.drop(*key)  # in-flight results of a revoked partition are produced but not stored
         log.info("revoked %s", [(tp.topic, tp.partition) for tp in parts])
+
+    def _lane_paused(self, lane: Lane) -> bool:
+        """True when the lane has no partition it could fetch from (none assigned yet, or all paused)."""
+        mine = {tp for tp in self.assigned if self.lanes.get(tp[0]) is lane}
+        return not mine or mine <= self.paused
+
+    def _consume(self, lane: Lane, n: int, timeout: float) -> list[Message]:
+        msgs = self.consumers[lane].consume(n, timeout)
+        for m in msgs:
+            err = m.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error (%s lane): %s", lane.value, err)
+        return [m for m in msgs if m.error() is None]
 
     async def run(self, stop: asyncio.Event, idle_exit_s: float | None = None, grace_s: float = 30.0) -> None:
         """Process until ``stop`` is set (or nothing arrived for ``idle_exit_s``), then shut down cleanly."""
@@ -192,25 +213,33 @@ class EnrichWorker:
                 self.producer.poll(0)
                 self._update_lag()
                 self._flow_control()
-                capacity = self._window() - len(self.jobs)
-                if capacity > 0:
-                    # blocks up to 0.1 s only when nothing is in flight (no task to starve)
-                    msgs = self.consumer.consume(min(capacity, self.w.batch_max_size), 0 if self.jobs else 0.1)
-                    real = [m for m in msgs if not m.error()]
-                    for m in msgs:
-                        if m.error() and m.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", m.error())
-                    if real:
-                        self.metrics.batch_size.observe(len(real))
-                        last_activity = time.monotonic()
-                    for m in real:
+                window = self._window()
+                got: list[Message] = []
+                # realtime first: it may take the whole window
+                space = window - len(self.jobs)
+                if space > 0 or self._lane_paused(Lane.REALTIME):  # paused consumers are still polled (callbacks, liveness)
+                    got = self._consume(Lane.REALTIME, max(1, min(space, self.w.batch_max_size)), 0)
+                    for m in got:
                         self._start(m)
+                    if got:
+                        self._last_rt = time.monotonic()
+                # backfill only up to its cap (the whole window when realtime is idle)
+                room = min(window - len(self.jobs), self._backfill_cap(window) - self._lane_in_flight(Lane.BACKFILL))
+                if room > 0 or self._lane_paused(Lane.BACKFILL):
+                    timeout = 0 if (self.jobs or got) else 0.1  # block briefly only when there is nothing else to do
+                    bf = self._consume(Lane.BACKFILL, max(1, min(room, self.w.batch_max_size)), timeout)
+                    for m in bf:
+                        self._start(m)
+                    got += bf
+                if got:
+                    self.metrics.batch_size.observe(len(got))
+                    last_activity = time.monotonic()
                 if self.jobs:
                     last_activity = time.monotonic()
                     await self._sleep(0.002)
                 else:
-                    if not self.assigned:
-                        last_activity = time.monotonic()  # idle time counts only once partitions are assigned
+                    if self._joined != set(self.consumers):
+                        last_activity = time.monotonic()  # idle time counts only once both lanes are assigned
                     elif idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
                         break
                     await self._sleep(0)  # always yield: signal handlers and tasks run on this loop
@@ -218,21 +247,22 @@ class EnrichWorker:
             await self._shutdown(grace_s)
 
     async def _shutdown(self, grace_s: float) -> None:
-        if not self.assigned:
-            # tansu 0.6 bug: a member that leaves while its JoinGroup is pending leaves the group stuck for every
-            # later member (Apache Kafka handles it). So finish joining before leaving; records fetched meanwhile
-            # are not stored and will be consumed again by the next owner.
-            deadline = time.monotonic() + self.s.kafka.session_timeout_ms / 1000 + 10
-            while not self.assigned and time.monotonic() < deadline:
-                self.consumer.poll(0.1)
+        # tansu 0.6 bug: a member that leaves while its JoinGroup is pending leaves the group stuck for every later
+        # member (Apache Kafka handles it). So finish joining before leaving; records fetched meanwhile are not
+        # stored and will be consumed again by the next owner.
+        deadline = time.monotonic() + self.s.kafka.session_timeout_ms / 1000 + 10
+        for lane, consumer in self.consumers.items():
+            while lane not in self._joined and time.monotonic() < deadline:
+                consumer.poll(0.1)
                 await self._sleep(0)
         tasks = [j.task for j in self.jobs.values() if j.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
         self.producer.flush(grace_s)
         self.producer.poll(0)
-        self._store_and_commit(sync=True)
-        self.consumer.close()  # leaves the group
+        for consumer in self.consumers.values():
+            self._commit(consumer)
+            consumer.close()  # leaves the group
         log.info("worker stopped; %d outputs, %d records handed back", self.outputs, len(self.jobs))
 
     # -- flow control ----------------------------------------------------------------------
@@ -250,43 +280,62 @@ class EnrichWorker:
         if now - self._last_lag_check < 0.2 or not self.assigned:
             return
         self._last_lag_check = now
-        tps = [TopicPartition(t, p) for t, p in self.assigned]
-        try:
-            positions = self.consumer.position(tps)
-        except Exception:
-            return
-        for tp in positions:
+        for lane, consumer in self.consumers.items():
+            tps = [TopicPartition(t, p) for t, p in self.assigned if self.lanes.get(t) is lane]
+            if not tps:
+                continue
             try:
-                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-            except Exception:
+                positions = consumer.position(tps)
+            except Exception:  # position() can fail mid-rebalance; lag is advisory
                 continue
-            if high is None or high < 0 or tp.offset < 0:
-                continue
-            lag = max(0, high - tp.offset)
-            self._lag[(tp.topic, tp.partition)] = lag
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            for tp in positions:
+                try:
+                    low, high = consumer.get_watermark_offsets(tp, cached=True)
+                except Exception:
+                    continue
+                if high is None or high < 0:
+                    continue  # no fetch response yet: lag unknown
+                if tp.offset >= 0:
+                    lag = max(0, high - tp.offset)
+                elif low is not None and low >= 0:
+                    lag = max(0, high - low)  # nothing consumed yet: count the whole partition (conservative)
+                else:
+                    continue
+                self._lag[(tp.topic, tp.partition)] = lag
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     def _realtime_backlog(self) -> bool:
-        rt = self.s.topics.images_realtime
-        return self._lane_in_flight(Lane.REALTIME) > 0 or any(lag > 0 for (t, _), lag in self._lag.items() if t == rt)
+        """True unless every assigned realtime partition is known to be drained (unknown lag counts as backlog)."""
+        if time.monotonic() - self._last_rt < 0.5 or self._lane_in_flight(Lane.REALTIME) > 0:
+            return True
+        rt = [tp for tp in self.assigned if self.lanes.get(tp[0]) is Lane.REALTIME]
+        return any(self._lag.get(tp, 1) > 0 for tp in rt)
+
+    def _backfill_cap(self, window: int) -> int:
+        if Lane.REALTIME not in self._joined:
+            return 0  # until the realtime lane has joined, its backlog is unknown: take no backfill
+        return max(1, int(window * self.w.backfill_share)) if self._realtime_backlog() else window
 
     def _flow_control(self) -> None:
+        """Pause what must not be fetched: everything when the window is full (resume at half),
+        backfill when it holds its share while realtime has backlog."""
         window = self._window()
-        full = len(self.jobs) >= window
-        want_paused: set[tuple[str, int]] = set()
-        if full or (self.paused and len(self.jobs) > window // 2 and self.paused >= self.assigned):
-            want_paused = set(self.assigned)
+        all_paused = bool(self.assigned) and self.paused >= self.assigned
+        full = len(self.jobs) >= window or (all_paused and len(self.jobs) > window // 2)
+        if full:
+            want = set(self.assigned)
+        elif self._lane_in_flight(Lane.BACKFILL) >= self._backfill_cap(window):
+            want = {tp for tp in self.assigned if self.lanes.get(tp[0]) is Lane.BACKFILL}
         else:
-            backfill_cap = max(1, int(window * self.w.backfill_share)) if self._realtime_backlog() else window
-            if self._lane_in_flight(Lane.BACKFILL) >= backfill_cap:
-                want_paused = {tp for tp in self.assigned if self.lanes.get(tp[0]) is Lane.BACKFILL}
-        to_pause = want_paused - self.paused
-        to_resume = (self.paused - want_paused) & self.assigned
-        if to_pause:
-            self.consumer.pause([TopicPartition(t, p) for t, p in to_pause])
-        if to_resume:
-            self.consumer.resume([TopicPartition(t, p) for t, p in to_resume])
-        self.paused = want_paused & self.assigned
+            want = set()
+        for lane, consumer in self.consumers.items():
+            pause = [TopicPartition(t, p) for t, p in want - self.paused if self.lanes.get(t) is lane]
+            resume = [TopicPartition(t, p) for t, p in (self.paused - want) & self.assigned if self.lanes.get(t) is lane]
+            if pause:
+                consumer.pause(pause)
+            if resume:
+                consumer.resume(resume)
+        self.paused = want & self.assigned
         self.metrics.paused.set(len(self.paused))
 
     # -- per record ------------------------------------------------------------------------
@@ -415,13 +464,14 @@ class EnrichWorker:
         nxt = self.tracker.finish(*key)
         if nxt is not None and (key[0], key[1]) in self.assigned:
             try:
-                self.consumer.store_offsets(offsets=[TopicPartition(key[0], key[1], nxt)])
+                self._consumer_of(key[0]).store_offsets(offsets=[TopicPartition(key[0], key[1], nxt)])
             except Exception as e:
                 log.warning("could not store offset %s: %s", key, e)
 
-    def _store_and_commit(self, sync: bool) -> None:
+    def _commit(self, consumer: Consumer) -> None:
+        """Synchronously commit what has been stored (nothing stored is not an error)."""
         try:
-            self.consumer.commit(asynchronous=not sync)
+            consumer.commit(asynchronous=False)
         except Exception as e:
             log.debug("commit: %s", e)
 
@@ -457,7 +507,11 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
     cache = ResultCache(settings.redis.url_value(), settings.redis.cache_ttl_s, settings.redis.key_prefix) if settings.redis.url else None
     return EnrichWorker(
         settings,
-        consumer=make_consumer(settings.kafka, w.group_id),
+        # one consumer (and group) per lane: pausing or draining one lane never touches the other's fetch queue
+        consumers={
+            Lane.REALTIME: make_consumer(settings.kafka, f"{w.group_id}.realtime"),
+            Lane.BACKFILL: make_consumer(settings.kafka, f"{w.group_id}.backfill"),
+        },
         producer=make_producer(settings.kafka),
         client=client,
         loader=loader,

@@ -1,0 +1,241 @@
+"""The enrichment worker end to end on the real broker, real valkey and real vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from opal.samples import SampleListing, load_samples, sample_event
+from schemas.events import AspectEvent, DeadLetter, ImageRef, Lane, ListingImageEvent
+from schemas.serde import EventCodec
+from schemas.settings import OpalSettings, TopicSettings
+from tests.conftest import REPO, opal_bin
+from topology.admin import apply_topology
+from topology.declared import build_topology
+from workers.enrich import EnrichWorker, run_worker
+from workers.kafka_clients import make_consumer, make_producer
+from workers.metrics import WorkerMetrics
+
+pytestmark = pytest.mark.vllm
+CODEC = EventCodec(ListingImageEvent)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Allowed image root: copies of the sample photos plus bad files."""
+    root = tmp_path / "images"
+    shutil.copytree(REPO / "data" / "sample" / "images", root)
+    (root / "truncated.jpg").write_bytes((root / "00020b5a.jpg").read_bytes()[:2500])
+    big = Image.effect_noise((900, 900), 100).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    (root / "huge.png").write_bytes(buf.getvalue())
+    return root
+
+
+@pytest.fixture
+def wsettings(settings: OpalSettings, vllm_url: str, images: Path) -> OpalSettings:
+    from confluent_kafka.admin import AdminClient
+
+    s = settings.model_copy(
+        update={
+            "vllm": settings.vllm.model_copy(update={"endpoints": [vllm_url], "max_retries": 1}),
+            "worker": settings.worker.model_copy(
+                update={
+                    "group_id": f"enrich-{uuid.uuid4().hex[:6]}",
+                    "allowed_file_root": images,
+                    "image_max_bytes": 500_000,
+                    "retry_backoff_s": 0.05,
+                    "max_in_flight": 16,
+                }
+            ),
+            "redis": settings.redis.model_copy(update={"key_prefix": f"t{uuid.uuid4().hex[:6]}:"}),
+        }
+    )
+    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    return s
+
+
+def _events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l") -> list[ListingImageEvent]:
+    out = []
+    for i, s in enumerate(load_samples()[:n]):
+        local = SampleListing(s.item_id, images / s.image.name, s.title, s.product_type, s.color)
+        out.append(sample_event(local, lane).model_copy(update={"listing_id": f"{prefix}-{i}-{s.item_id}"}))
+    return out
+
+
+def _publish(s: OpalSettings, records: list[tuple[bytes, bytes]], topic: str | None = None) -> None:
+    p = make_producer(s.kafka)
+    for k, v in records:
+        p.produce(topic or s.topics.images_realtime, key=k, value=v)
+    assert p.flush(30) == 0
+
+
+def _read(
+    s: OpalSettings, topic: str, codec: EventCodec[Any], n: int, timeout_s: float = 30, settle_s: float = 0.0
+) -> list[tuple[Any, Any]]:
+    """Read from the beginning until ``n`` records arrived (or ``timeout_s``), then until ``settle_s`` pass with no new one."""
+    c = make_consumer(s.kafka, f"reader-{uuid.uuid4().hex[:6]}")
+    c.subscribe([topic])
+    out: list[tuple[Any, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        m = c.poll(0.3)
+        if m is not None and not m.error():
+            out.append((m.key(), codec.decode(m.value())))
+            last = time.monotonic()
+        elif len(out) >= n and time.monotonic() - last >= settle_s:
+            break
+    c.close()
+    return out
+
+
+def _run(s: OpalSettings, idle: float = 2.0) -> tuple[EnrichWorker, WorkerMetrics]:
+    metrics = WorkerMetrics()
+    w = asyncio.run(run_worker(s, asyncio.Event(), idle_exit_s=idle, metrics=metrics))
+    return w, metrics
+
+
+def test_n_in_n_out_then_cache_skips_the_model(wsettings: OpalSettings, images: Path) -> None:
+    evs = _events(images, 12)
+    _publish(wsettings, [(e.listing_id.encode(), CODEC.encode(e)) for e in evs])
+    w, m = _run(wsettings)
+    out = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 12)
+    assert sorted(k.decode() for k, _ in out) == sorted(e.listing_id for e in evs)
+    by_id = {e.listing_id: e for e in evs}
+    for key, ev in out:
+        assert ev.listing_id == key.decode() and ev.source_event_id == by_id[ev.listing_id].event_id
+        assert ev.schema_check.valid and ev.model.name == "opal-tiny" and not ev.cache_hit
+        assert ev.category == by_id[ev.listing_id].category
+    assert m.value("opal_enrich_aspect_events_total") == 12
+    assert m.value("opal_enrich_model_requests_total") == 12
+    assert w.client.stats.requests >= 12
+
+    # same photos again (new listings): every result comes from valkey, no request reaches the server
+    again = _events(images, 12, prefix="again")
+    _publish(wsettings, [(e.listing_id.encode(), CODEC.encode(e)) for e in again])
+    w2, m2 = _run(wsettings)
+    out2 = [ev for _, ev in _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 24) if ev.listing_id.startswith("again-")]
+    assert len(out2) == 12 and all(ev.cache_hit for ev in out2)
+    assert m2.value("opal_enrich_cache_hits_total") == 12
+    assert m2.value("opal_enrich_model_requests_total") == 0
+    assert w2.client.stats.requests == 1  # only the start-up GET /models; no generation request
+
+
+def test_poison_events_become_dead_letters(wsettings: OpalSettings, images: Path) -> None:
+    good = _events(images, 4)
+    base = good[0]
+    outside = REPO / "data" / "sample" / "images" / "00020b5a.jpg"  # exists, but outside the allowed root
+    bad = {
+        "bad-avro": b"\xc3\x01garbage that is not avro",
+        "corrupt-image": CODEC.encode(
+            base.model_copy(update={"listing_id": "corrupt-image", "images": [ImageRef(uri=(images / "truncated.jpg").as_uri())]})
+        ),
+        "outside-root": CODEC.encode(base.model_copy(update={"listing_id": "outside-root", "images": [ImageRef(uri=outside.as_uri())]})),
+        "http-not-allowed": CODEC.encode(
+            base.model_copy(update={"listing_id": "http-not-allowed", "images": [ImageRef(uri="http://169.254.169.254/latest/meta-data")]})
+        ),
+        "oversized": CODEC.encode(
+            base.model_copy(update={"listing_id": "oversized", "images": [ImageRef(uri=(images / "huge.png").as_uri())]})
+        ),
+        "unknown-category": CODEC.encode(base.model_copy(update={"listing_id": "unknown-category", "category": "spaceship"})),
+    }
+    records = [(e.listing_id.encode(), CODEC.encode(e)) for e in good] + [(k.encode(), v) for k, v in bad.items()]
+    _publish(wsettings, records)
+    _run(wsettings)
+    aspects = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 4)
+    assert sorted(k.decode() for k, _ in aspects) == sorted(e.listing_id for e in good)
+    dead = {k.decode(): dl for k, dl in _read(wsettings, wsettings.topics.dead_letters, EventCodec(DeadLetter), len(bad))}
+    assert set(dead) == set(bad)
+    assert dead["bad-avro"].error_kind == "unknown_schema" and dead["bad-avro"].value == bad["bad-avro"]
+    assert dead["corrupt-image"].error_kind == "invalid_image" and "truncated" in dead["corrupt-image"].error_message
+    assert dead["outside-root"].error_kind == "invalid_image" and "outside the allowed root" in dead["outside-root"].error_message
+    assert (
+        dead["http-not-allowed"].error_kind == "invalid_image"
+        and "not in OPAL_WORKER_ALLOWED_HTTP_HOSTS" in dead["http-not-allowed"].error_message
+    )
+    assert dead["oversized"].error_kind == "invalid_image" and "limit 500000" in dead["oversized"].error_message
+    assert dead["unknown-category"].error_kind == "unknown_category"
+    for k, dl in dead.items():
+        assert dl.value == dict(bad)[k] and dl.origin_topic == wsettings.topics.images_realtime
+
+
+def _worker_env(s: OpalSettings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+    t = s.topics
+    env.update(
+        {
+            "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
+            "OPAL_REDIS_URL": s.redis.url_value(),
+            "OPAL_REDIS_KEY_PREFIX": s.redis.key_prefix,
+            "OPAL_VLLM_ENDPOINTS": f'["{s.vllm.endpoints[0]}"]',
+            "OPAL_WORKER_GROUP_ID": s.worker.group_id,
+            "OPAL_WORKER_ALLOWED_FILE_ROOT": str(s.worker.allowed_file_root),
+            "OPAL_WORKER_MAX_IN_FLIGHT": "4",
+            **{f"OPAL_TOPICS_{k.upper()}": str(v) for k, v in t.model_dump().items()},
+        }
+    )
+    return env
+
+
+def test_kill_9_mid_stream_loses_nothing(wsettings: OpalSettings, images: Path) -> None:
+    evs = _events(images, 40, prefix="k")
+    _publish(wsettings, [(e.listing_id.encode(), CODEC.encode(e)) for e in evs])
+    env = _worker_env(wsettings)
+    first = subprocess.Popen(
+        [opal_bin(), "worker", "enrich", "--log-level", "WARNING"], env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        got = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 5, timeout_s=120)
+        assert len(got) >= 5, "worker produced nothing before the kill"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    second = subprocess.run(
+        [opal_bin(), "worker", "enrich", "--idle-exit", "3", "--log-level", "WARNING"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    out = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 40, timeout_s=60, settle_s=3)
+    latest = {k: ev for k, ev in out}  # what a compacted topic / a keep-latest reader holds
+    assert sorted(k.decode() for k in latest) == sorted(e.listing_id for e in evs)  # nothing lost, one current record each
+
+
+def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, images: Path) -> None:
+    s = wsettings.model_copy(
+        update={
+            "topics": wsettings.topics.model_copy(
+                update={k: f"{v}-1p" for k, v in TopicSettings().model_dump().items() if k != "partitions"} | {"partitions": 1}
+            ),
+            "worker": wsettings.worker.model_copy(update={"max_in_flight": 4, "backfill_share": 0.25, "batch_max_size": 4}),
+        }
+    )
+    from confluent_kafka.admin import AdminClient
+
+    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    backfill = _events(images, 40, Lane.BACKFILL, prefix="bf")
+    realtime = _events(images, 8, Lane.REALTIME, prefix="rt")
+    _publish(s, [(e.listing_id.encode(), CODEC.encode(e)) for e in backfill], s.topics.images_backfill)
+    _publish(s, [(e.listing_id.encode(), CODEC.encode(e)) for e in realtime], s.topics.images_realtime)
+    _run(s)
+    order = [ev.listing_id for _, ev in _read(s, s.topics.aspects, EventCodec(AspectEvent), 48)]  # one partition: produce order
+    assert len(order) == 48
+    rt_positions = [order.index(e.listing_id) for e in realtime]
+    # realtime may share the window with at most a quarter of backfill: all 8 realtime land in the first 8 + 4
+    assert max(rt_positions) < 12, rt_positions
