@@ -237,5 +237,7 @@ def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, imag
     order = [ev.listing_id for _, ev in _read(s, s.topics.aspects, EventCodec(AspectEvent), 48)]  # one partition: produce order
     assert len(order) == 48
     rt_positions = [order.index(e.listing_id) for e in realtime]
-    # realtime may share the window with at most a quarter of backfill: all 8 realtime land in the first 8 + 4
-    assert max(rt_positions) < 12, rt_positions
+    # While realtime has backlog, backfill may use a quarter of the window (1 of 4 slots), so about one backfill record
+    # completes per three realtime ones, plus the window's worth started before realtime's first fetch: 8 + 8/3 + 4 < 16.
+    # Without lane priority the realtime records, published last, came out at positions 40-47.
+    assert max(rt_positions) < 16, rt_positions
