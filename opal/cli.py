@@ -23,7 +23,7 @@ from opal.embedded import EmbeddedStack, read_state, resolve_settings, stop_deta
 from opal.samples import SAMPLE_DIR, load_samples, sample_event
 from schemas.category import default_categories
 from schemas.errors import OpalError
-from schemas.events import DeadLetter, Lane, ListingImageEvent
+from schemas.events import Lane, ListingImageEvent
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 
@@ -243,39 +243,6 @@ def _publish_samples(s: OpalSettings, lane: Lane, bad: bool, samples: Path) -> i
     if remaining or errors:
         raise RuntimeError(f"{remaining} records undelivered, errors: {errors[:3]}")
     return len(records)
-
-
-def _read_back(s: OpalSettings, expected: int, timeout_s: float = 30.0) -> tuple[list[ListingImageEvent], list[DeadLetter]]:
-    """Consume the image topics, decode; bad records become DeadLetters (produced to the DLQ)."""
-    from schemas.category import default_categories as cats
-    from workers.intake import dead_letter_for, decode_listing_event
-    from workers.kafka_clients import make_consumer, make_producer
-
-    framing = framing_for(s.kafka.schema_registry_url, s.kafka.schema_registry_auth)
-    codec = EventCodec(ListingImageEvent, framing=framing)
-    dl_codec = EventCodec(DeadLetter, framing=framing)
-    consumer = make_consumer(s.kafka, "opal-demo-reader")
-    producer = make_producer(s.kafka)
-    consumer.subscribe([s.topics.images_realtime, s.topics.images_backfill])
-    good: list[ListingImageEvent] = []
-    dead: list[DeadLetter] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(good) + len(dead) < expected and time.monotonic() < deadline:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            try:
-                good.append(decode_listing_event(msg, codec, cats()))
-            except OpalError as e:
-                dl = dead_letter_for(msg, e)
-                producer.produce(s.topics.dead_letters, key=msg.key(), value=dl_codec.encode(dl))
-                dead.append(dl)
-            consumer.store_offsets(msg)
-        producer.flush(30)
-    finally:
-        consumer.close()
-    return good, dead
 
 
 @app.command("demo")
