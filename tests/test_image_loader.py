@@ -1,0 +1,135 @@
+"""Image loading guards: file root, host allow-list, SSRF, redirects, size limits, retriable errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from inference.images import ImageRejectedError
+from opal.samples import load_samples
+from workers.image_loader import ImageFetchError, ImageLoader
+from workers.metrics import WorkerMetrics
+
+PHOTO = load_samples()[0].image.read_bytes()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/photo.jpg":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PHOTO)))
+            self.end_headers()
+            self.wfile.write(PHOTO)
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+            self.end_headers()
+        elif self.path == "/busy":
+            self.send_response(503)
+            self.end_headers()
+        elif self.path == "/huge":
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body is counted while streaming
+            self.wfile.write(b"\xff\xd8\xff" + b"\x00" * 300_000)
+        else:
+            self.send_response(404)
+            self.end_headers()
+
+
+@pytest.fixture
+def http_base() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://localhost:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _load(loader: ImageLoader, uri: str) -> bytes:
+    async def go() -> bytes:
+        try:
+            return await loader.load(uri)
+        finally:
+            await loader.aclose()
+
+    return asyncio.run(go())
+
+
+def _loader(root: Path | None = None, hosts: list[str] | None = None, private: bool = True, max_bytes: int = 200_000) -> ImageLoader:
+    return ImageLoader(root, hosts or [], max_bytes, 40_000_000, 5.0, allow_private_addresses=private)
+
+
+def test_file_under_root_loads_and_outside_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(PHOTO)
+    assert _load(_loader(tmp_path), (tmp_path / "a.jpg").as_uri()) == PHOTO
+    for uri, msg in [
+        ((tmp_path / ".." / "etc-passwd").as_uri(), "outside the allowed root"),
+        ("file:///etc/passwd", "outside the allowed root"),
+        ((tmp_path / "missing.jpg").as_uri(), "not found"),
+        ("file://otherhost/x.jpg", "names a host"),
+        ("ftp://example.com/a.jpg", "scheme 'ftp' not allowed"),
+        ("gopher:x", "not allowed"),
+    ]:
+        with pytest.raises(ImageRejectedError, match=msg):
+            _load(_loader(tmp_path), uri)
+    with pytest.raises(ImageRejectedError, match="disabled"):
+        _load(_loader(None), (tmp_path / "a.jpg").as_uri())
+
+
+def test_symlink_out_of_root_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(PHOTO)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link.jpg").symlink_to(outside)
+    with pytest.raises(ImageRejectedError, match="outside the allowed root"):
+        _load(_loader(root), (root / "link.jpg").as_uri())
+
+
+def test_http_allow_list_and_guards(http_base: str) -> None:
+    assert _load(_loader(hosts=["localhost"]), f"{http_base}/photo.jpg") == PHOTO
+    with pytest.raises(ImageRejectedError, match="not in OPAL_WORKER_ALLOWED_HTTP_HOSTS"):
+        _load(_loader(hosts=["cdn.example.com"]), f"{http_base}/photo.jpg")
+    with pytest.raises(ImageRejectedError, match="non-public address"):  # SSRF: allow-listed name, loopback address
+        _load(_loader(hosts=["localhost"], private=False), f"{http_base}/photo.jpg")
+    with pytest.raises(ImageRejectedError, match=r"redirect .* not followed"):
+        _load(_loader(hosts=["localhost"]), f"{http_base}/redirect")
+    with pytest.raises(ImageRejectedError, match="HTTP 404"):
+        _load(_loader(hosts=["localhost"]), f"{http_base}/nope")
+    with pytest.raises(ImageRejectedError, match="exceeds 200000 bytes"):
+        _load(_loader(hosts=["localhost"]), f"{http_base}/huge")
+    with pytest.raises(ImageFetchError, match="HTTP 503") as ei:
+        _load(_loader(hosts=["localhost"]), f"{http_base}/busy")
+    assert ei.value.retriable
+
+
+def test_unreachable_host_is_retriable() -> None:
+    with pytest.raises(ImageFetchError) as ei:
+        _load(_loader(hosts=["127.0.0.1"]), "http://127.0.0.1:9/a.jpg")
+    assert ei.value.retriable
+
+
+def test_metrics_endpoint_serves_worker_metrics() -> None:
+    m = WorkerMetrics()
+    m.cache_hits.inc(3)
+    port = m.serve(0)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for name in (
+        "opal_enrich_consumed_total",
+        "opal_enrich_dead_letters_total",
+        "opal_enrich_model_latency_seconds_bucket",
+        "opal_enrich_in_flight",
+        "opal_enrich_lag",
+        "opal_enrich_batch_size_bucket",
+    ):
+        assert name in body or name.split("_bucket")[0] in body, name
+    assert "opal_enrich_cache_hits_total 3.0" in body
