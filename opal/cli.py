@@ -34,12 +34,14 @@ schemas_app = typer.Typer(help="Event and category schemas.", no_args_is_help=Tr
 events_app = typer.Typer(help="Publish and inspect events.", no_args_is_help=True)
 model_app = typer.Typer(help="Build OPAL model folders (runs in the model environment).", no_args_is_help=True)
 worker_app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
+eval_app = typer.Typer(help="Score generated listings with the paper's metrics.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(events_app, name="events")
 app.add_typer(model_app, name="model")
 app.add_typer(worker_app, name="worker")
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 
@@ -252,6 +254,51 @@ def demo(samples: Annotated[Path, typer.Option(help="Sample folder.")] = SAMPLE_
     from opal.demo import print_result, run_demo
 
     print_result(console, run_demo(console, samples))
+
+
+# -- evaluation --------------------------------------------------------------------------
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                console.print(f"[red]{path}:{i}: not JSON ({e})[/]")
+                raise typer.Exit(2) from None
+    return rows
+
+
+@eval_app.command("score")
+def eval_score(
+    pred: Annotated[Path, typer.Option(help="JSONL: {id, output} per line (output = the raw generated string).")],
+    ref: Annotated[Path, typer.Option(help="JSONL: {id, category, title, aspects} per line.")],
+    schemas: Annotated[Path | None, typer.Option(help="Folder of category schemas (default: the shipped ones).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """ROUGE-L F1, aspect F1, schema-compliance recall, JSON validity (definitions in training/metrics.py)."""
+    from schemas.category import CategoryRegistry
+    from training.metrics import score
+
+    predictions = {str(r["id"]): str(r.get("output", "")) for r in _jsonl(pred)}
+    references = _jsonl(ref)
+    registry = CategoryRegistry.load(schemas) if schemas else default_categories()
+    try:
+        report = score(predictions, references, registry)
+    except OpalError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps({k: report.summary()[k] for k in ("rouge_l_f1", "aspect_f1", "schema_recall", "json_valid", "n")}))
+        return
+    t = Table("metric", "value", title=f"{report.n} examples ({report.missing_predictions} without a prediction)")
+    for k, v in report.summary().items():
+        t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(t)
+    a = Table("aspect", "precision", "recall", "predicted", "reference", title="per aspect name")
+    for name, (p, r, n_p, n_r) in sorted(report.per_aspect.items(), key=lambda kv: -kv[1][3]):
+        a.add_row(name, f"{p:.3f}", f"{r:.3f}", str(n_p), str(n_r))
+    console.print(a)
 
 
 # -- workers -----------------------------------------------------------------------------

@@ -1,0 +1,181 @@
+"""The paper's metrics, defined exactly so anyone can reproduce them.
+
+For each example (prediction matched to reference by ``id``):
+
+- **ROUGE-L F1**: ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)``
+  (default tokenizer) F-measure between the canonical JSON of prediction and reference.
+  Canonical JSON is ``json.dumps({"title": t, "aspects": {...}}, sort_keys=True,
+  separators=(",", ":"), ensure_ascii=False)``. A prediction that does not parse as a
+  listing is scored on its raw text.
+- **Aspect F1**: F1 between the sets of normalised (name, value) pairs (lower-case,
+  trimmed, inner whitespace collapsed, trailing punctuation ``.,;:!?`` stripped); both
+  sets empty scores 1, exactly one empty scores 0. Unparseable predictions have no pairs.
+- **Schema-compliance recall**: share of predicted aspect names the category schema
+  declares (names compared after the same normalisation); examples with no predicted
+  aspects are left out of the average.
+- **JSON validity**: the prediction parses as an object with a string ``title`` and an
+  object ``aspects`` whose values are strings.
+- **Exact match**: canonical JSON of prediction equals that of the reference.
+- **Per-aspect-name precision/recall** over all examples: for name *n*, matched pairs
+  named *n* / predicted pairs named *n*, and / reference pairs named *n*.
+
+All averages are plain means over examples. Pure functions; imports only the standard
+library, rouge-score and schemas (both environments have them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rouge_score import rouge_scorer
+
+from schemas.category import CategoryRegistry
+
+_WS = re.compile(r"\s+")
+_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def norm(text: str) -> str:
+    return _WS.sub(" ", text).strip().lower().rstrip(".,;:!?").strip()
+
+
+def canonical_json(title: str, aspects: Mapping[str, str]) -> str:
+    return json.dumps({"title": title, "aspects": dict(aspects)}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_prediction(raw: str) -> tuple[str, dict[str, str]] | None:
+    """(title, aspects) when ``raw`` is a valid listing JSON, else None."""
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("title"), str) or not isinstance(doc.get("aspects", {}), dict):
+        return None
+    aspects = doc.get("aspects", {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in aspects.items()):
+        return None
+    return doc["title"], aspects
+
+
+def pairs(aspects: Mapping[str, str]) -> set[tuple[str, str]]:
+    return {(norm(k), norm(v)) for k, v in aspects.items()}
+
+
+def rouge_l_f1(prediction: str, reference: str) -> float:
+    return float(_SCORER.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def aspect_f1(pred: set[tuple[str, str]], ref: set[tuple[str, str]]) -> float:
+    if not pred and not ref:
+        return 1.0
+    if not pred or not ref:
+        return 0.0
+    tp = len(pred & ref)
+    if tp == 0:
+        return 0.0
+    p, r = tp / len(pred), tp / len(ref)
+    return 2 * p * r / (p + r)
+
+
+@dataclass
+class ExampleScore:
+    id: str
+    rouge_l_f1: float
+    aspect_f1: float
+    schema_recall: float | None
+    json_valid: bool
+    exact_match: bool
+
+
+@dataclass
+class Report:
+    n: int
+    rouge_l_f1: float
+    aspect_f1: float
+    schema_recall: float
+    json_valid: float
+    exact_match: float
+    per_aspect: dict[str, tuple[float, float, int, int]] = field(default_factory=dict)  # name -> (precision, recall, n_pred, n_ref)
+    missing_predictions: int = 0
+    examples: list[ExampleScore] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "rouge_l_f1": self.rouge_l_f1,
+            "aspect_f1": self.aspect_f1,
+            "schema_recall": self.schema_recall,
+            "json_valid": self.json_valid,
+            "exact_match": self.exact_match,
+            "n": self.n,
+        }
+
+
+def _mean(xs: Iterable[float]) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def score(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]], categories: CategoryRegistry) -> Report:
+    """Score raw predictions (``id -> generated string``) against reference records.
+
+    A reference record has ``id``, ``category``, ``title`` and ``aspects``. A reference
+    without a prediction is scored as an empty (invalid) output and counted in
+    ``missing_predictions``. An unknown category raises ``UnknownCategoryError``.
+    """
+    examples: list[ExampleScore] = []
+    tp: Counter[str] = Counter()
+    n_pred: Counter[str] = Counter()
+    n_ref: Counter[str] = Counter()
+    missing = 0
+    for ref in references:
+        rid = str(ref["id"])
+        if rid not in predictions:
+            missing += 1
+        raw = predictions.get(rid, "")
+        allowed = {norm(n) for n in categories.get(ref["category"]).names}
+        ref_pairs = pairs(ref["aspects"])
+        ref_json = canonical_json(ref["title"], ref["aspects"])
+        parsed = parse_prediction(raw)
+        if parsed is None:
+            pred_pairs: set[tuple[str, str]] = set()
+            pred_json = raw
+        else:
+            pred_pairs = pairs(parsed[1])
+            pred_json = canonical_json(*parsed)
+        names = [norm(k) for k in (parsed[1] if parsed else {})]
+        examples.append(
+            ExampleScore(
+                id=rid,
+                rouge_l_f1=rouge_l_f1(pred_json, ref_json),
+                aspect_f1=aspect_f1(pred_pairs, ref_pairs),
+                schema_recall=(sum(n in allowed for n in names) / len(names)) if names else None,
+                json_valid=parsed is not None,
+                exact_match=parsed is not None and pred_json == ref_json,
+            )
+        )
+        for name, _ in pred_pairs:
+            n_pred[name] += 1
+        for name, _ in ref_pairs:
+            n_ref[name] += 1
+        for name, _ in pred_pairs & ref_pairs:
+            tp[name] += 1
+    per_aspect = {
+        name: (tp[name] / n_pred[name] if n_pred[name] else 0.0, tp[name] / n_ref[name] if n_ref[name] else 0.0, n_pred[name], n_ref[name])
+        for name in sorted(set(n_pred) | set(n_ref))
+    }
+    return Report(
+        n=len(examples),
+        rouge_l_f1=_mean(e.rouge_l_f1 for e in examples),
+        aspect_f1=_mean(e.aspect_f1 for e in examples),
+        schema_recall=_mean(e.schema_recall for e in examples if e.schema_recall is not None),
+        json_valid=_mean(float(e.json_valid) for e in examples),
+        exact_match=_mean(float(e.exact_match) for e in examples),
+        per_aspect=per_aspect,
+        missing_predictions=missing,
+        examples=examples,
+    )
