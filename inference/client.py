@@ -214,37 +214,45 @@ class ListingClient:
         pool = up or sorted(self._endpoints, key=lambda e: e.down_until)[:1]
         return min(pool, key=lambda e: (e.outstanding, e.requests))
 
-    async def generate(self, images: Sequence[bytes], category: str | CategorySchema, temperature: float = 0.0) -> InferenceResult:
-        """One listing for one item (see module contract)."""
-        cat = category if isinstance(category, CategorySchema) else self.categories.get(category)
-        prepared = [prepare_image(b, self.max_image_bytes, self.max_image_pixels) for b in images]
-        if not prepared:
-            raise ValueError("generate() needs at least one image")
+    async def complete_json(
+        self, messages: list[dict[str, Any]], schema: dict[str, Any], name: str, temperature: float = 0.0, max_tokens: int | None = None
+    ) -> tuple[dict[str, Any], str, int, float, float]:
+        """One chat completion constrained to ``schema`` (retries, balancing and bounds as in the module contract).
+
+        Returns (response JSON, endpoint, attempts, queued ms, request ms). The content may still be
+        unusable (e.g. cut at ``max_tokens``); callers parse it and raise their own typed error.
+        """
         t_queue = time.perf_counter()
         async with self._sem:
             queued_ms = (time.perf_counter() - t_queue) * 1000
             model = await self._served_model_with_retry()
             body: dict[str, Any] = {
                 "model": model,
-                "messages": serving_messages(cat, [p.data_url() for p in prepared]),
-                "max_tokens": self.max_tokens,
+                "messages": messages,
+                "max_tokens": max_tokens or self.max_tokens,
                 "temperature": temperature,
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": f"opal_{cat.category}", "schema": cat.json_schema(), "strict": True},
-                },
+                "response_format": {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}},
             }
             if self.logprobs:
                 body["logprobs"] = True
             t0 = time.perf_counter()
             resp, endpoint, attempts = await self._request_with_retry("POST", "/chat/completions", body)
-            inference_ms = (time.perf_counter() - t0) * 1000
+            return resp, endpoint, attempts, queued_ms, (time.perf_counter() - t0) * 1000
+
+    async def generate(self, images: Sequence[bytes], category: str | CategorySchema, temperature: float = 0.0) -> InferenceResult:
+        """One listing for one item (see module contract)."""
+        cat = category if isinstance(category, CategorySchema) else self.categories.get(category)
+        prepared = [prepare_image(b, self.max_image_bytes, self.max_image_pixels) for b in images]
+        if not prepared:
+            raise ValueError("generate() needs at least one image")
+        resp, endpoint, attempts, queued_ms, inference_ms = await self.complete_json(
+            serving_messages(cat, [p.data_url() for p in prepared]), cat.json_schema(), f"opal_{cat.category}", temperature
+        )
         choice = resp["choices"][0]
         raw = choice["message"].get("content") or ""
         listing, check = parse_listing(raw, cat)
         lp = (choice.get("logprobs") or {}).get("content")
-        raw_keys = _raw_aspect_keys(raw)
-        conf_raw, title_conf = confidences(raw, lp, raw_keys)
+        conf_raw, title_conf = confidences(raw, lp, _raw_aspect_keys(raw))
         aspect_conf = {normalise_name(k, cat): v for k, v in conf_raw.items()}
         usage = resp.get("usage") or {}
         return InferenceResult(
@@ -252,7 +260,7 @@ class ListingClient:
             check=check,
             aspect_confidence={k: aspect_conf[k] for k in listing.aspects if k in aspect_conf},
             title_confidence=title_conf,
-            model=model_info(resp.get("model", model)),
+            model=model_info(resp.get("model", self._model or "")),
             raw=raw,
             endpoint=endpoint,
             attempts=attempts,

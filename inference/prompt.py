@@ -62,3 +62,59 @@ def completion_json(title: str, aspects: Mapping[str, str], category: CategorySc
 def sft_completion(title: str, aspects: Mapping[str, str], category: CategorySchema) -> list[dict[str, Any]]:
     """TRL conversational completion for one example."""
     return [{"role": "assistant", "content": [{"type": "text", "text": completion_json(title, aspects, category)}]}]
+
+
+# -- the judge (the paper's five-level rubric) -------------------------------------------
+JUDGE_LEVELS = (
+    "Correctly Generated",
+    "Mostly Correctly Generated",
+    "Partially Correctly Generated",
+    "Mostly Incorrectly Generated",
+    "Incorrectly Generated",
+)
+
+JUDGE_SYSTEM_PROMPT = (
+    "You are a strict marketplace listing judge. You compare a generated listing with the product photo and, when given, "
+    "the reference listing, and you answer with one JSON object."
+)
+
+
+def judge_instruction(category: CategorySchema, generated: str, reference: str | None) -> str:
+    ref = f"Reference listing (ground truth): {reference}\n" if reference else "No reference listing: judge against the image only.\n"
+    return (
+        f"Category: {category.category}\n{ref}Generated listing: {generated}\n"
+        "For every aspect of the generated listing, say whether it is Correctly Identified. Say whether the generated title "
+        "matches the product. Then grade the whole listing: Correctly Generated (at least 95% correct), Mostly Correctly "
+        "Generated (80-94%), Partially Correctly Generated (50-79%), Mostly Incorrectly Generated (30-49%) or Incorrectly "
+        "Generated (below 30%)."
+    )
+
+
+def judge_messages(category: CategorySchema, image_urls: list[str], generated: str, reference: str | None) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    content.append({"type": "text", "text": judge_instruction(category, generated, reference)})
+    return [{"role": "system", "content": [{"type": "text", "text": JUDGE_SYSTEM_PROMPT}]}, {"role": "user", "content": content}]
+
+
+def judge_schema(aspect_names: list[str]) -> dict[str, Any]:
+    """Structured output of the judge: one label per generated aspect, title match, verdict."""
+    name: dict[str, Any] = {"type": "string", "enum": aspect_names} if aspect_names else {"type": "string"}
+    return {
+        "type": "object",
+        "properties": {
+            "aspects": {
+                "type": "array",
+                "maxItems": max(1, len(aspect_names)),
+                "items": {
+                    "type": "object",
+                    "properties": {"name": name, "correctly_identified": {"type": "boolean"}},
+                    "required": ["name", "correctly_identified"],
+                    "additionalProperties": False,
+                },
+            },
+            "title_matched": {"type": "boolean"},
+            "verdict": {"type": "string", "enum": list(JUDGE_LEVELS)},
+        },
+        "required": ["aspects", "title_matched", "verdict"],
+        "additionalProperties": False,
+    }

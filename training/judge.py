@@ -1,0 +1,144 @@
+"""The judge: the paper's five-level verdicts, from an MLLM or from the reference.
+
+One module serves offline preference-pair building and the online feedback loop:
+
+- :func:`reference_judge` derives the verdict from agreement with a reference listing
+  (no model needed): each generated aspect is *Correctly Identified* when the
+  reference has the same normalised name and value; the title matches when the
+  ROUGE-L F1 of the normalised titles is at least 0.5; the score is the share of
+  correct items (aspects plus the title) and maps onto the five levels by the paper's
+  thresholds (>=95% / 80-94% / 50-79% / 30-49% / <30%).
+- :func:`mllm_judge` asks a judge model through an OpenAI-compatible endpoint with
+  structured output; its labels give the score, its own grade gives the verdict.
+  Unusable judge output raises :class:`~inference.output.InvalidOutputError` (callers
+  count it, never crash).
+- :func:`to_outcome` / :func:`preference_pair` turn a judgement into the JudgeOutcome
+  event and, for the bottom two levels, the DPO pair (chosen = reference, rejected =
+  model output), with a deterministic pair id so re-emitting is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from inference.client import ListingClient
+from inference.images import prepare_image
+from inference.output import InvalidOutputError
+from inference.prompt import JUDGE_LEVELS, completion_json, instruction, judge_messages, judge_schema
+from schemas.category import CategorySchema
+from schemas.events import AspectLabel, ImageRef, JudgeOutcome, ModelInfo, PreferencePair, Verdict
+from training.metrics import canonical_json, norm, rouge_l_f1
+
+THRESHOLDS: tuple[tuple[float, Verdict], ...] = (
+    (0.95, Verdict.CORRECT),
+    (0.80, Verdict.MOSTLY_CORRECT),
+    (0.50, Verdict.PARTIALLY_CORRECT),
+    (0.30, Verdict.MOSTLY_INCORRECT),
+    (0.0, Verdict.INCORRECT),
+)
+LEVEL_TO_VERDICT = dict(zip(JUDGE_LEVELS, (v for _, v in THRESHOLDS), strict=True))
+PAIR_VERDICTS = {Verdict.MOSTLY_INCORRECT, Verdict.INCORRECT}
+REFERENCE_JUDGE = "reference-rules-v1"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    score: float
+    aspect_labels: list[AspectLabel]
+    title_matched: bool
+    judge_model: str
+    reference_kind: str
+
+
+def verdict_for(score: float) -> Verdict:
+    return next(v for t, v in THRESHOLDS if score >= t - 1e-9)
+
+
+def _score(labels: list[AspectLabel], title_matched: bool) -> float:
+    return (sum(lab.correctly_identified for lab in labels) + int(title_matched)) / (len(labels) + 1)
+
+
+def reference_judge(title: str, aspects: Mapping[str, str], ref_title: str, ref_aspects: Mapping[str, str]) -> Judgement:
+    ref = {norm(k): norm(v) for k, v in ref_aspects.items()}
+    labels = [AspectLabel(name=k, value=v, correctly_identified=ref.get(norm(k)) == norm(v)) for k, v in aspects.items()]
+    matched = rouge_l_f1(norm(title), norm(ref_title)) >= 0.5
+    s = _score(labels, matched)
+    return Judgement(verdict_for(s), s, labels, matched, REFERENCE_JUDGE, "ground_truth")
+
+
+async def mllm_judge(
+    client: ListingClient,
+    images: list[bytes],
+    category: CategorySchema,
+    title: str,
+    aspects: Mapping[str, str],
+    reference: tuple[str, Mapping[str, str]] | None = None,
+) -> Judgement:
+    generated = canonical_json(title, aspects)
+    ref_json = canonical_json(*reference) if reference else None
+    urls = [prepare_image(b).data_url() for b in images]
+    resp, *_ = await client.complete_json(
+        judge_messages(category, urls, generated, ref_json), judge_schema(list(aspects)), "opal_judge", max_tokens=512
+    )
+    raw = resp["choices"][0]["message"].get("content") or ""
+    try:
+        doc = json.loads(raw)
+        verdict = LEVEL_TO_VERDICT[doc["verdict"]]
+        said = {str(a["name"]): bool(a["correctly_identified"]) for a in doc["aspects"]}
+        title_matched = bool(doc["title_matched"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise InvalidOutputError(f"unusable judge output ({type(e).__name__}: {e})", raw) from None
+    labels = [AspectLabel(name=k, value=v, correctly_identified=said.get(k, False)) for k, v in aspects.items()]
+    judge_model = str(resp.get("model", "judge"))
+    return Judgement(
+        verdict, _score(labels, title_matched), labels, title_matched, judge_model, "ground_truth" if reference else "image_only"
+    )
+
+
+def to_outcome(
+    j: Judgement,
+    listing_id: str,
+    source_event_id: str,
+    category: str,
+    title: str,
+    aspects: Mapping[str, str],
+    model: ModelInfo,
+    reference: tuple[str, Mapping[str, str]] | None = None,
+) -> JudgeOutcome:
+    return JudgeOutcome(
+        listing_id=listing_id,
+        source_event_id=source_event_id,
+        category=category,
+        verdict=j.verdict,
+        score=j.score,
+        aspect_labels=j.aspect_labels,
+        title_matched=j.title_matched,
+        generated=canonical_json(title, aspects),
+        reference_kind=j.reference_kind,
+        reference=canonical_json(*reference) if reference else None,
+        judge_model=j.judge_model,
+        model=model,
+    )
+
+
+def preference_pair(outcome: JudgeOutcome, category: CategorySchema, image: ImageRef) -> PreferencePair | None:
+    """The DPO pair for a low verdict (chosen = reference, rejected = output); None otherwise or without a reference."""
+    if outcome.verdict not in PAIR_VERDICTS or outcome.reference is None:
+        return None
+    chosen, rejected = json.loads(outcome.reference), json.loads(outcome.generated)
+    digest = hashlib.sha256(f"{outcome.listing_id}\0{outcome.model.version}\0{outcome.generated}".encode()).hexdigest()[:24]
+    return PreferencePair(
+        pair_id=digest,
+        listing_id=outcome.listing_id,
+        category=outcome.category,
+        prompt=instruction(category),
+        image=image,
+        chosen=completion_json(chosen["title"], chosen["aspects"], category),  # the order the model is trained to emit
+        rejected=completion_json(rejected["title"], rejected["aspects"], category),
+        verdict=outcome.verdict,
+        model=outcome.model,
+    )
