@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas.category import default_categories
+from training.abo import load_abo
+from training.lacu import MIN_ROUNDS, Turn, contradictions, conversation_from_listing, to_sft_messages
+from training.mace import refine
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+REG = default_categories()
+
+
+def test_every_sample_gets_a_consistent_conversation_of_five_rounds() -> None:
+    for r in load_abo(SAMPLE):
+        cat = REG.get(r.category)
+        refined = refine(r.item_id, r.title, r.aspects, cat)
+        turns = conversation_from_listing(refined.title, refined.aspects, cat, r.qa)
+        assert len(turns) >= MIN_ROUNDS
+        assert contradictions(turns, refined.aspects, cat) == []
+        covered = {n for n in refined.aspects if any(f"{n}:" in t.seller for t in turns)}
+        assert covered == set(refined.aspects)  # every aspect is discussed
+
+
+def test_contradicting_qa_is_left_out_and_detected() -> None:
+    shoes = REG.get("shoes")
+    aspects = {"Color": "white", "Heel Type": "kitten"}
+    qa = [("What is the main color of the shoe", "black"), ("What type of heel does the shoe have", "kitten")]
+    turns = conversation_from_listing("white court shoes", aspects, shoes, qa)
+    assert all("Black" not in t.seller for t in turns)
+    assert any(t.seller == "Kitten." for t in turns)
+    assert contradictions([Turn("What colour is it?", "It is black.")], aspects, shoes)
+    assert not contradictions([Turn("What colour is it?", "White, with black laces.")], aspects, shoes)
+
+
+def test_sft_export_alternates_roles_with_the_image_first() -> None:
+    msgs = to_sft_messages([Turn("q1", "a1"), Turn("q2", "a2")])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
+    assert msgs[0]["content"][0] == {"type": "image"} and {"type": "image"} not in msgs[2]["content"]
