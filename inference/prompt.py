@@ -118,3 +118,53 @@ def judge_schema(aspect_names: list[str]) -> dict[str, Any]:
         "required": ["aspects", "title_matched", "verdict"],
         "additionalProperties": False,
     }
+
+
+# -- MACE (refine seller data against the image) and LACU (buyer/seller conversations) ---
+MACE_SYSTEM_PROMPT = (
+    "You clean marketplace listings. You keep only what the product photo shows or clearly implies, and you answer with one JSON object."
+)
+
+
+def mace_messages(
+    category: CategorySchema, image_urls: list[str], seller_title: str, seller_aspects: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    text = (
+        f"Category: {category.category}\nSeller title: {seller_title}\n"
+        f"Seller aspects: {json.dumps(dict(seller_aspects), ensure_ascii=False)}\n"
+        "Rewrite the title keeping only words grounded in the image (no sizes, measurements, pack counts, model or style "
+        "codes, prices, shipping or promotional words, emojis). Keep only the aspects the image confirms or reasonably implies."
+    )
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": u}} for u in image_urls]
+    content.append({"type": "text", "text": text})
+    return [{"role": "system", "content": [{"type": "text", "text": MACE_SYSTEM_PROMPT}]}, {"role": "user", "content": content}]
+
+
+LACU_SYSTEM_PROMPT = "You write realistic, helpful conversations between a marketplace buyer and the seller."
+
+
+def lacu_messages(title: str, aspects: Mapping[str, str], rounds: int) -> list[dict[str, Any]]:
+    text = (
+        f"Listing title: {title}\nAspects: {json.dumps(dict(aspects), ensure_ascii=False)}\n"
+        f"Write a conversation of at least {rounds} rounds: the buyer asks about the item, the seller answers truthfully from "
+        "the listing only, covering as many aspects as possible. Never contradict the listing."
+    )
+    return [{"role": "system", "content": LACU_SYSTEM_PROMPT}, {"role": "user", "content": text}]
+
+
+def lacu_schema(rounds: int) -> dict[str, Any]:
+    turn = {
+        "type": "object",
+        "properties": {
+            "buyer": {"type": "string", "minLength": 1, "maxLength": 200},
+            "seller": {"type": "string", "minLength": 1, "maxLength": 300},
+        },
+        "required": ["buyer", "seller"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {"turns": {"type": "array", "items": turn, "minItems": rounds, "maxItems": rounds + 5}},
+        "required": ["turns"],
+        "additionalProperties": False,
+    }
