@@ -61,15 +61,24 @@ def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, flo
     p.flush(120)
     print(f"  published {n} events in {time.perf_counter() - t0:.1f} s", flush=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
-    env.update({
-        "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "", "OPAL_REDIS_URL": s.redis.url_value(),
-        "OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}",
-        "OPAL_WORKER_ALLOWED_FILE_ROOT": str(REPO / "data" / "sample"),
-        **{f"OPAL_TOPICS_{k.upper()}": str(v) for k, v in topics.model_dump().items()},
-    })
+    env.update(
+        {
+            "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
+            "OPAL_REDIS_URL": s.redis.url_value(),
+            "OPAL_VLLM_ENDPOINTS": f'["{url}"]',
+            "OPAL_WORKER_GROUP_ID": f"bench-{tag}",
+            "OPAL_WORKER_ALLOWED_FILE_ROOT": str(REPO / "data" / "sample"),
+            **{f"OPAL_TOPICS_{k.upper()}": str(v) for k, v in topics.model_dump().items()},
+        }
+    )
     port = 9400 + int(tag[:2], 16) % 100
-    w = subprocess.Popen([str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
-                         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    w = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     samples_mb: list[float] = []
     try:
         t0 = time.monotonic()
@@ -79,8 +88,11 @@ def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, flo
         import urllib.request
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        done = sum(float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith(("opal_enrich_aspect_events_total", "opal_enrich_dead_letters_total{")))
+        done = sum(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith(("opal_enrich_aspect_events_total", "opal_enrich_dead_letters_total{"))
+        )
     finally:
         w.terminate()
         w.wait(60)
@@ -107,8 +119,11 @@ def main() -> None:
                 print(f"backlog {n}:", flush=True)
                 results[n] = run_case(stack.settings, n, args.seconds, url)
                 r = results[n]
-                print(f"  worker RSS first {r['first']:.0f} MB, peak {r['peak']:.0f} MB, final {r['final']:.0f} MB; "
-                      f"{r['done']:.0f} records processed in {args.seconds:.0f} s", flush=True)
+                print(
+                    f"  worker RSS first {r['first']:.0f} MB, peak {r['peak']:.0f} MB, final {r['final']:.0f} MB; "
+                    f"{r['done']:.0f} records processed in {args.seconds:.0f} s",
+                    flush=True,
+                )
         finally:
             vllm.stop()
     small, big = results[args.small], results[args.big]

@@ -35,6 +35,7 @@ events_app = typer.Typer(help="Publish and inspect events.", no_args_is_help=Tru
 model_app = typer.Typer(help="Build OPAL model folders (runs in the model environment).", no_args_is_help=True)
 worker_app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
 eval_app = typer.Typer(help="Score generated listings with the paper's metrics.", no_args_is_help=True)
+data_app = typer.Typer(help="Training data: MACE refinement and LACU conversations.", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
@@ -42,6 +43,7 @@ app.add_typer(events_app, name="events")
 app.add_typer(model_app, name="model")
 app.add_typer(worker_app, name="worker")
 app.add_typer(eval_app, name="eval")
+app.add_typer(data_app, name="data")
 
 console = Console()
 
@@ -299,6 +301,123 @@ def eval_score(
     for name, (p, r, n_p, n_r) in sorted(report.per_aspect.items(), key=lambda kv: -kv[1][3]):
         a.add_row(name, f"{p:.3f}", f"{r:.3f}", str(n_p), str(n_r))
     console.print(a)
+
+
+# -- training data -----------------------------------------------------------------------
+def _summary_table(summary: Any) -> Table:
+    t = Table("", "count", title=f"{summary.name}: {summary.total} items")
+    for k in ("done", "skipped", "failed"):
+        t.add_row(k, str(getattr(summary, k)))
+    for reason, n in summary.failures.most_common():
+        t.add_row(f"  failed: {reason}", str(n))
+    for reason, n in summary.removed_by_reason.most_common():
+        t.add_row(f"  removed from titles: {reason}", str(n))
+    return t
+
+
+@data_app.command("mace")
+def data_mace(
+    abo: Annotated[Path, typer.Option(help="ABO-layout folder (listings.jsonl + images/).")] = SAMPLE_DIR,
+    out: Annotated[Path, typer.Option(help="Output JSONL (appended; reruns skip done items).")] = Path(".opal/data/mace.jsonl"),
+    endpoint: Annotated[str | None, typer.Option(help="MLLM endpoint (…/v1); unset: the deterministic pass only.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+) -> None:
+    """Refine seller titles and aspects: deterministic rules, then (with --endpoint) the MLLM against the image."""
+    import asyncio
+    import dataclasses
+    import itertools
+
+    from inference.client import ListingClient
+    from training.abo import load_abo
+    from training.mace import refine
+    from training.mllm_passes import PassSummary, run_mace
+
+    reg = default_categories()
+    records = list(itertools.islice(load_abo(abo, reg), limit))
+    if endpoint:
+
+        async def go() -> Any:
+            async with ListingClient([endpoint], max_concurrency=concurrency) as c:
+                return await run_mace(records, c, out, reg, concurrency)
+
+        summary = asyncio.run(go())
+    else:
+        summary = PassSummary("mace (deterministic)", total=len(records))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for r in records:
+                d = refine(r.item_id, r.title, r.aspects, reg.get(r.category))
+                for rem in d.removed:
+                    summary.removed_by_reason[rem.reason] += 1
+                f.write(
+                    json.dumps(
+                        {
+                            "item_id": r.item_id,
+                            "category": r.category,
+                            "image": str(r.image),
+                            "original": {"title": r.title, "aspects": r.aspects},
+                            "deterministic": {
+                                "removed": [dataclasses.asdict(x) for x in d.removed],
+                                "dropped_aspects": [dataclasses.asdict(x) for x in d.dropped_aspects],
+                            },
+                            "refined": {"title": d.title, "aspects": d.aspects},
+                            "qa": r.qa,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+                summary.done += 1
+    console.print(_summary_table(summary))
+    console.print(f"wrote {out}")
+
+
+@data_app.command("lacu")
+def data_lacu(
+    mace: Annotated[Path, typer.Option(help="MACE output JSONL.")] = Path(".opal/data/mace.jsonl"),
+    out: Annotated[Path, typer.Option(help="Output JSONL of conversations.")] = Path(".opal/data/lacu.jsonl"),
+    endpoint: Annotated[str | None, typer.Option(help="Text-LLM endpoint (…/v1); unset: built from the listing and its Q&A.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
+) -> None:
+    """Buyer/seller conversations (at least five rounds) about each refined listing."""
+    import asyncio
+    import dataclasses
+
+    from inference.client import ListingClient
+    from training.lacu import contradictions, conversation_from_listing
+    from training.mllm_passes import PassSummary, run_lacu
+
+    reg = default_categories()
+    rows = _jsonl(mace)
+    if endpoint:
+
+        async def go() -> Any:
+            async with ListingClient([endpoint], max_concurrency=concurrency) as c:
+                return await run_lacu(rows, c, out, reg, concurrency)
+
+        summary = asyncio.run(go())
+    else:
+        summary = PassSummary("lacu (from the listing)", total=len(rows))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for row in rows:
+                cat = reg.get(row["category"])
+                qa = [(q, a) for q, a in row.get("qa", [])]
+                turns = conversation_from_listing(row["refined"]["title"], row["refined"]["aspects"], cat, qa)
+                if contradictions(turns, row["refined"]["aspects"], cat):
+                    summary.failures["contradiction"] += 1
+                    continue
+                f.write(
+                    json.dumps(
+                        {"item_id": row["item_id"], "image": row.get("image"), "turns": [dataclasses.asdict(t) for t in turns]},
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+                summary.done += 1
+    console.print(_summary_table(summary))
+    console.print(f"wrote {out}")
 
 
 # -- workers -----------------------------------------------------------------------------

@@ -37,3 +37,23 @@ def test_sft_export_alternates_roles_with_the_image_first() -> None:
     msgs = to_sft_messages([Turn("q1", "a1"), Turn("q2", "a2")])
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
     assert msgs[0]["content"][0] == {"type": "image"} and {"type": "image"} not in msgs[2]["content"]
+
+
+def test_data_cli_deterministic_passes(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    from tests.conftest import REPO, opal_bin
+
+    mace, lacu = tmp_path / "m.jsonl", tmp_path / "l.jsonl"
+    r = subprocess.run([opal_bin(), "data", "mace", "--out", str(mace)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and "removed from titles: size" in r.stdout
+    rows = [json.loads(x) for x in mace.read_text().splitlines()]
+    assert len(rows) == 40 and rows[0]["refined"]["title"] == "find. women's kitten heel court, white"
+    assert rows[0]["deterministic"]["removed"] == [{"text": "7 uk", "reason": "size"}]
+    r = subprocess.run(
+        [opal_bin(), "data", "lacu", "--mace", str(mace), "--out", str(lacu)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert r.returncode == 0
+    convs = [json.loads(x) for x in lacu.read_text().splitlines()]
+    assert len(convs) == 40 and all(len(c["turns"]) >= MIN_ROUNDS for c in convs)

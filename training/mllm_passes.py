@@ -138,6 +138,7 @@ async def run_mace(
                 "dropped_aspects": [asdict(x) for x in det.dropped_aspects],
             },
             "refined": {"title": listing.title, "aspects": listing.aspects},
+            "qa": r.qa,
             "mllm_dropped": check.unknown_keys + check.invalid_values,
             "model": resp.get("model", ""),
         }
