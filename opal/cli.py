@@ -369,8 +369,9 @@ def data_mace(
                     + "\n"
                 )
                 summary.done += 1
+    out.with_suffix(".summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
     console.print(_summary_table(summary))
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out} and {out.with_suffix('.summary.json')}")
 
 
 @data_app.command("lacu")
@@ -385,7 +386,7 @@ def data_lacu(
     import dataclasses
 
     from inference.client import ListingClient
-    from training.lacu import contradictions, conversation_from_listing
+    from training.lacu import contradictions, conversation_from_listing, to_sft_messages
     from training.mllm_passes import PassSummary, run_lacu
 
     reg = default_categories()
@@ -410,14 +411,20 @@ def data_lacu(
                     continue
                 f.write(
                     json.dumps(
-                        {"item_id": row["item_id"], "image": row.get("image"), "turns": [dataclasses.asdict(t) for t in turns]},
+                        {
+                            "item_id": row["item_id"],
+                            "image": row.get("image"),
+                            "turns": [dataclasses.asdict(t) for t in turns],
+                            "messages": to_sft_messages(turns),
+                        },
                         ensure_ascii=False,
                     )
                     + "\n"
                 )
                 summary.done += 1
+    out.with_suffix(".summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
     console.print(_summary_table(summary))
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out} and {out.with_suffix('.summary.json')}")
 
 
 # -- workers -----------------------------------------------------------------------------

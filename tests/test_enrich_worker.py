@@ -241,3 +241,36 @@ def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, imag
     # completes per three realtime ones, plus the window's worth started before realtime's first fetch: 8 + 8/3 + 4 < 16.
     # Without lane priority the realtime records, published last, came out at positions 40-47.
     assert max(rt_positions) < 16, rt_positions
+
+
+def test_sigterm_finishes_in_flight_work_and_commits_it(wsettings: OpalSettings, images: Path) -> None:
+    evs = _events(images, 40, prefix="t")
+    _publish(wsettings, [(e.listing_id.encode(), CODEC.encode(e)) for e in evs])
+    env = _worker_env(wsettings)
+    worker = subprocess.Popen(
+        [opal_bin(), "worker", "enrich", "--log-level", "WARNING"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert len(_read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 5, timeout_s=120)) >= 5
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=90)
+    assert worker.returncode == 0, err[-2000:]
+    before = len(_read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 5, timeout_s=60, settle_s=3))
+    second = subprocess.run(
+        [opal_bin(), "worker", "enrich", "--idle-exit", "3", "--log-level", "WARNING"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    out = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 40, timeout_s=60, settle_s=3)
+    assert sorted({k.decode() for k, _ in out}) == sorted(e.listing_id for e in evs)
+    assert len(out) == 40, f"{len(out) - 40} duplicates: the graceful stop did not commit all it produced ({before} before restart)"

@@ -57,3 +57,7 @@ def test_data_cli_deterministic_passes(tmp_path: Path) -> None:
     assert r.returncode == 0
     convs = [json.loads(x) for x in lacu.read_text().splitlines()]
     assert len(convs) == 40 and all(len(c["turns"]) >= MIN_ROUNDS for c in convs)
+    assert convs[0]["messages"][0]["content"][0] == {"type": "image"}  # the chat format SFT uses
+    summary = json.loads((tmp_path / "l.summary.json").read_text())
+    assert summary["done"] == 40 and summary["failed"] == 0
+    assert json.loads((tmp_path / "m.summary.json").read_text())["removed_by_reason"]["size"] >= 5

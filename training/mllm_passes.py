@@ -30,7 +30,7 @@ from inference.prompt import lacu_messages, lacu_schema, mace_messages
 from schemas.category import CategoryRegistry
 from schemas.errors import OpalError
 from training.abo import ListingRecord
-from training.lacu import MIN_ROUNDS, Turn, contradictions
+from training.lacu import MIN_ROUNDS, Turn, contradictions, to_sft_messages
 from training.mace import refine
 
 
@@ -50,9 +50,18 @@ class PassSummary:
         return sum(self.failures.values())
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failed"] = self.failed
-        return d
+        # not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs and counts the pairs
+        return {
+            "name": self.name,
+            "total": self.total,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "failures": dict(self.failures),
+            "removed_by_reason": dict(self.removed_by_reason),
+            "title_chars_before": self.title_chars_before,
+            "title_chars_after": self.title_chars_after,
+        }
 
 
 def _done_ids(path: Path) -> set[str]:
@@ -101,6 +110,7 @@ async def _run(
                 bar.update(task, advance=1, status=f"done {summary.done} failed {summary.failed}")
 
         await asyncio.gather(*[one(r) for r in todo])
+    out.with_suffix(".summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
     return summary
 
 
@@ -184,6 +194,11 @@ async def run_lacu(
 
     async def work(r: ListingRecord) -> dict[str, Any]:
         turns = await lacu_conversation(client, r.title, r.aspects, categories.get(r.category))
-        return {"item_id": r.item_id, "image": by_id[r.item_id].get("image"), "turns": [asdict(t) for t in turns]}
+        return {
+            "item_id": r.item_id,
+            "image": by_id[r.item_id].get("image"),
+            "turns": [asdict(t) for t in turns],
+            "messages": to_sft_messages(turns),
+        }
 
     return await _run("lacu", records, out, work, concurrency, summary, progress)
