@@ -315,6 +315,14 @@ def _summary_table(summary: Any) -> Table:
     return t
 
 
+async def _with_client(endpoint: str, concurrency: int, work: Any) -> Any:
+    """Run ``work(client)`` with a ListingClient on ``endpoint`` that is closed afterwards."""
+    from inference.client import ListingClient
+
+    async with ListingClient([endpoint], max_concurrency=concurrency) as c:
+        return await work(c)
+
+
 @data_app.command("mace")
 def data_mace(
     abo: Annotated[Path, typer.Option(help="ABO-layout folder (listings.jsonl + images/).")] = SAMPLE_DIR,
@@ -328,7 +336,6 @@ def data_mace(
     import dataclasses
     import itertools
 
-    from inference.client import ListingClient
     from training.abo import load_abo
     from training.mace import refine
     from training.mllm_passes import PassSummary, run_mace
@@ -336,12 +343,7 @@ def data_mace(
     reg = default_categories()
     records = list(itertools.islice(load_abo(abo, reg), limit))
     if endpoint:
-
-        async def go() -> Any:
-            async with ListingClient([endpoint], max_concurrency=concurrency) as c:
-                return await run_mace(records, c, out, reg, concurrency)
-
-        summary = asyncio.run(go())
+        summary = asyncio.run(_with_client(endpoint, concurrency, lambda c: run_mace(records, c, out, reg, concurrency)))
     else:
         summary = PassSummary("mace (deterministic)", total=len(records))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,19 +387,13 @@ def data_lacu(
     import asyncio
     import dataclasses
 
-    from inference.client import ListingClient
     from training.lacu import contradictions, conversation_from_listing, to_sft_messages
     from training.mllm_passes import PassSummary, run_lacu
 
     reg = default_categories()
     rows = _jsonl(mace)
     if endpoint:
-
-        async def go() -> Any:
-            async with ListingClient([endpoint], max_concurrency=concurrency) as c:
-                return await run_lacu(rows, c, out, reg, concurrency)
-
-        summary = asyncio.run(go())
+        summary = asyncio.run(_with_client(endpoint, concurrency, lambda c: run_lacu(rows, c, out, reg, concurrency)))
     else:
         summary = PassSummary("lacu (from the listing)", total=len(rows))
         out.parent.mkdir(parents=True, exist_ok=True)

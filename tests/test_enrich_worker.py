@@ -190,6 +190,20 @@ def _worker_env(s: OpalSettings) -> dict[str, str]:
     return env
 
 
+def _restart_and_read_all(s: OpalSettings, env: dict[str, str], n: int) -> list[tuple[Any, Any]]:
+    """Run a fresh worker until idle, then read every record of the aspects topic."""
+    second = subprocess.run(
+        [opal_bin(), "worker", "enrich", "--idle-exit", "3", "--log-level", "WARNING"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    return _read(s, s.topics.aspects, EventCodec(AspectEvent), n, timeout_s=60, settle_s=3)
+
+
 def test_kill_9_mid_stream_loses_nothing(wsettings: OpalSettings, images: Path) -> None:
     evs = _events(images, 40, prefix="k")
     _publish(wsettings, [(e.listing_id.encode(), CODEC.encode(e)) for e in evs])
@@ -203,16 +217,7 @@ def test_kill_9_mid_stream_loses_nothing(wsettings: OpalSettings, images: Path) 
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    second = subprocess.run(
-        [opal_bin(), "worker", "enrich", "--idle-exit", "3", "--log-level", "WARNING"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert second.returncode == 0, second.stderr[-2000:]
-    out = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 40, timeout_s=60, settle_s=3)
+    out = _restart_and_read_all(wsettings, env, 40)
     latest = {k: ev for k, ev in out}  # what a compacted topic / a keep-latest reader holds
     assert sorted(k.decode() for k in latest) == sorted(e.listing_id for e in evs)  # nothing lost, one current record each
 
@@ -262,15 +267,6 @@ def test_sigterm_finishes_in_flight_work_and_commits_it(wsettings: OpalSettings,
         _, err = worker.communicate(timeout=90)
     assert worker.returncode == 0, err[-2000:]
     before = len(_read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 5, timeout_s=60, settle_s=3))
-    second = subprocess.run(
-        [opal_bin(), "worker", "enrich", "--idle-exit", "3", "--log-level", "WARNING"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert second.returncode == 0, second.stderr[-2000:]
-    out = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 40, timeout_s=60, settle_s=3)
+    out = _restart_and_read_all(wsettings, env, 40)
     assert sorted({k.decode() for k, _ in out}) == sorted(e.listing_id for e in evs)
     assert len(out) == 40, f"{len(out) - 40} duplicates: the graceful stop did not commit all it produced ({before} before restart)"

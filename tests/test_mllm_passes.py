@@ -88,3 +88,31 @@ def test_mace_and_lacu_against_the_real_server(vllm_url: str, tmp_path: Path) ->
     for line in (tmp_path / "mace.jsonl").read_text().splitlines():
         row = json.loads(line)
         assert REG.get(row["category"]).check(row["refined"]["aspects"]).unknown_keys == []  # constrained to the schema
+
+
+@pytest.mark.vllm
+def test_data_cli_through_the_endpoint(vllm_url: str, tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import REPO, opal_bin
+
+    mace, lacu = tmp_path / "m.jsonl", tmp_path / "l.jsonl"
+    r = subprocess.run(
+        [opal_bin(), "data", "mace", "--endpoint", vllm_url, "--limit", "3", "--out", str(mace)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    s = json.loads((tmp_path / "m.summary.json").read_text())
+    assert s["total"] == 3 and s["done"] + s["failed"] == 3 and len(mace.read_text().splitlines()) == s["done"]
+    r = subprocess.run(
+        [opal_bin(), "data", "lacu", "--endpoint", vllm_url, "--mace", str(mace), "--out", str(lacu)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert json.loads((tmp_path / "l.summary.json").read_text())["total"] == s["done"]
