@@ -304,6 +304,11 @@ def eval_score(
 
 
 # -- training data -----------------------------------------------------------------------
+def _print_pass(summary: Any, out: Path) -> None:
+    console.print(_summary_table(summary))
+    console.print(f"wrote {out} and {out.with_suffix('.summary.json')}")
+
+
 def _summary_table(summary: Any) -> Table:
     t = Table("", "count", title=f"{summary.name}: {summary.total} items")
     for k in ("done", "skipped", "failed"):
@@ -371,9 +376,8 @@ def data_mace(
                     + "\n"
                 )
                 summary.done += 1
-    out.with_suffix(".summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
-    console.print(_summary_table(summary))
-    console.print(f"wrote {out} and {out.with_suffix('.summary.json')}")
+        summary.save(out)  # the endpoint passes save their own
+    _print_pass(summary, out)
 
 
 @data_app.command("lacu")
@@ -418,9 +422,8 @@ def data_lacu(
                     + "\n"
                 )
                 summary.done += 1
-    out.with_suffix(".summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
-    console.print(_summary_table(summary))
-    console.print(f"wrote {out} and {out.with_suffix('.summary.json')}")
+        summary.save(out)  # the endpoint passes save their own
+    _print_pass(summary, out)
 
 
 # -- workers -----------------------------------------------------------------------------

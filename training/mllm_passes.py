@@ -49,6 +49,12 @@ class PassSummary:
     def failed(self) -> int:
         return sum(self.failures.values())
 
+    def save(self, out: Path) -> Path:
+        """Write the summary beside ``out`` as ``<out stem>.summary.json``; returns its path."""
+        path = out.with_suffix(".summary.json")
+        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
+        return path
+
     def as_dict(self) -> dict[str, Any]:
         # not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs and counts the pairs
         return {
@@ -110,7 +116,7 @@ async def _run(
                 bar.update(task, advance=1, status=f"done {summary.done} failed {summary.failed}")
 
         await asyncio.gather(*[one(r) for r in todo])
-    out.with_suffix(".summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    summary.save(out)
     return summary
 
 
