@@ -15,6 +15,12 @@ Contract of :meth:`ListingClient.generate`
   carrying the raw text (not retried: with temperature 0 it would repeat).
 - Generation is idempotent from the caller's view (no server-side state), so any
   call may be retried.
+
+HTTP connections are spread over several small httpx pools (:data:`CONNECTIONS_PER_POOL`
+each), every request going to the least busy one. httpcore re-scans every connection of
+a pool for every request it assigns, so one pool of 64 connections cost ~30 ms of client
+CPU per request at 64 in flight (cProfile: 4.2 of 5.8 s for 128 requests); small pools
+keep that scan short. See docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from inference.prompt import serving_messages
 from schemas.category import CategoryRegistry, CategorySchema, default_categories
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import ModelInfo, SchemaCheck
+
+CONNECTIONS_PER_POOL = 8
+"""Requests one httpx pool carries at once; the client opens ``ceil(max_concurrency / 8)`` pools."""
 
 
 class InferenceUnavailableError(OpalError):
@@ -189,20 +198,24 @@ class ListingClient:
         self.max_image_pixels = max_image_pixels
         self.logprobs = logprobs
         self.stats = ClientStats()
-        self._http: httpx.AsyncClient | None = None
+        self._pools: list[httpx.AsyncClient] = []
+        self._pool_load: list[int] = []
         self._transport = transport
         self._max_concurrency = max_concurrency
 
     async def __aenter__(self) -> ListingClient:
-        limits = httpx.Limits(max_connections=self._max_concurrency * 2, max_keepalive_connections=self._max_concurrency)
+        # headroom over CONNECTIONS_PER_POOL for the model-list GET and connections still closing after an error
+        limits = httpx.Limits(max_connections=2 * CONNECTIONS_PER_POOL, max_keepalive_connections=CONNECTIONS_PER_POOL)
         timeout = httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s))
-        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=self._transport)
+        n = math.ceil(self._max_concurrency / CONNECTIONS_PER_POOL)
+        self._pools = [httpx.AsyncClient(timeout=timeout, limits=limits, transport=self._transport) for _ in range(n)]
+        self._pool_load = [0] * n
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        pools, self._pools = self._pools, []
+        for pool in pools:
+            await pool.aclose()
 
     @property
     def in_flight(self) -> int:
@@ -282,7 +295,7 @@ class ListingClient:
         return self._model
 
     async def _request_with_retry(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], str, int]:
-        assert self._http is not None, "use `async with ListingClient(...)`"
+        assert self._pools, "use `async with ListingClient(...)`"
         last_error = ""
         avoid: str | None = None
         for attempt in range(1, self.max_retries + 2):
@@ -291,8 +304,10 @@ class ListingClient:
             ep.requests += 1
             self.stats.requests += 1
             self.stats.per_endpoint[ep.url] = self.stats.per_endpoint.get(ep.url, 0) + 1
+            slot = min(range(len(self._pools)), key=self._pool_load.__getitem__)
+            self._pool_load[slot] += 1
             try:
-                r = await self._http.request(method, f"{ep.url}{path}", json=body, headers=self._headers)
+                r = await self._pools[slot].request(method, f"{ep.url}{path}", json=body, headers=self._headers)
             except (httpx.TransportError, httpx.TimeoutException) as e:
                 last_error = f"{ep.url}: {type(e).__name__}: {e}"
             else:
@@ -303,6 +318,7 @@ class ListingClient:
                 last_error = f"{ep.url}: HTTP {r.status_code}: {r.text[:200]}"
             finally:
                 ep.outstanding -= 1
+                self._pool_load[slot] -= 1
             ep.failures += 1
             ep.down_until = time.monotonic() + self.cooldown_s
             avoid = ep.url

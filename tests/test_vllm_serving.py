@@ -23,7 +23,8 @@ import pytest
 from inference.client import InferenceUnavailableError, ListingClient
 from inference.images import ImageRejectedError
 from inference.prompt import serving_messages
-from opal.embedded import _group_members
+from opal.cpu_affinity import descendants, process_name
+from opal.embedded import ManagedProcess, _group_members
 from opal.samples import load_samples
 from schemas.category import default_categories
 from schemas.errors import OpalError
@@ -70,6 +71,17 @@ def test_32_concurrent_requests_all_schema_valid(server: str, tiny_model: Path) 
         assert set(r.aspect_confidence) <= set(r.listing.aspects)
         assert all(0.0 <= v <= 1.0 for v in r.aspect_confidence.values())
         assert r.completion_tokens > 0
+
+
+def test_cpu_server_engine_core_runs_on_the_worker_cores(vllm_server: tuple[ManagedProcess, str]) -> None:
+    proc, _ = vllm_server
+    assert proc.pid is not None
+    procs = {process_name(p): p for p in descendants(proc.pid)}
+    engine, worker = procs.get("VLLM::EngineCor"), procs.get("VLLM::Worker")
+    assert engine and worker, procs
+    if len(os.sched_getaffinity(proc.pid)) > 1:  # vLLM binds the worker only when there is a core to spare
+        assert os.sched_getaffinity(engine) == os.sched_getaffinity(worker) < os.sched_getaffinity(proc.pid)
+        assert "[opal] engine core" in proc.log_path.read_text(errors="replace")
 
 
 def test_corrupt_image_never_reaches_the_server(server: str) -> None:
