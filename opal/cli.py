@@ -58,6 +58,12 @@ def _require_kafka(s: OpalSettings) -> None:
         raise typer.Exit(2)
 
 
+def _require_redis(s: OpalSettings) -> None:
+    if not s.redis.url:
+        console.print("[red]No Redis configured.[/] Set OPAL_REDIS_URL or run `opal dev up` first.")
+        raise typer.Exit(2)
+
+
 def _sigterm_as_interrupt() -> None:
     """Let SIGTERM unwind like Ctrl-C, so context managers stop child services."""
 
@@ -461,6 +467,65 @@ def worker_enrich(
     except ValueError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
+
+
+@worker_app.command("index")
+def worker_index(
+    idle_exit: Annotated[float | None, typer.Option(help="Exit after this many seconds with nothing to do (batch runs).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Most records applied per batch (offsets stored per batch).")] = 500,
+    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+) -> None:
+    """Keep the search index (Redis) in step with the aspect topic until SIGTERM/Ctrl-C."""
+    import logging
+    import threading
+
+    from workers.index_worker import IndexerError, build_indexer
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = _settings()
+    _require_kafka(s)
+    _require_redis(s)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        st = build_indexer(s, batch_size).run(stop, idle_exit_s=idle_exit)
+    except IndexerError as e:
+        console.print(f"[red]indexer stopped: {e}[/]")
+        raise typer.Exit(1) from None
+    table = Table("indexed", "deleted", "skipped (replays)", "dead letters", "batches", title="search indexer")
+    table.add_row(*(str(v) for v in (st.indexed, st.deleted, st.skipped, st.dead_lettered, st.batches)))
+    console.print(table)
+
+
+@app.command("search")
+def search(
+    aspect: Annotated[list[str] | None, typer.Option("--aspect", "-a", help="NAME=VALUE; repeat to AND several.")] = None,
+    category: Annotated[str | None, typer.Option(help="Only this category.")] = None,
+    text: Annotated[str, typer.Option(help="Words that must all be in the title.")] = "",
+    limit: Annotated[int, typer.Option(min=1, help="Most hits printed.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+) -> None:
+    """Query the search index the indexer keeps (exact aspect values, case-insensitive)."""
+    from workers.search_index import SearchIndex, parse_aspect_filters
+
+    s = _settings()
+    _require_redis(s)
+    try:
+        filters = parse_aspect_filters(aspect or [])
+        index = SearchIndex.from_url(s.redis.url_value(), s.redis.key_prefix)
+        total, hits = index.search(filters, category, text, limit)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    if as_json:
+        for h in hits:
+            print(json.dumps({"listing_id": h.listing_id, "title": h.title, "category": h.category, "aspects": h.aspects}))
+        return
+    table = Table("listing", "category", "title", "aspects", title=f"{total} match(es) in {index.count()} indexed listings")
+    for h in hits:
+        table.add_row(h.listing_id, h.category, h.title, ", ".join(f"{k}: {v}" for k, v in h.aspects.items()))
+    console.print(table)
 
 
 # -- model side ---------------------------------------------------------------------------

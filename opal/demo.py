@@ -34,6 +34,8 @@ class DemoResult:
     listings_in: int
     aspect_events: list[AspectEvent]
     dead_letters: list[DeadLetter]
+    indexed: int = 0
+    search_example: tuple[str, str, int] | None = None  # aspect name, value, listings the index returns for it
 
 
 def ensure_model(console: Console, model_dir: Path = DEMO_MODEL) -> Path:
@@ -138,7 +140,29 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
             dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter, framing=framing).decode, 3, timeout_s=10)
         finally:
             vllm.stop()
-    return DemoResult(n, events, dead)
+        indexed, example = index_and_search(s, events)
+        console.print(f"[bold]6.[/] search indexer: {indexed} listings searchable in valkey")
+    return DemoResult(n, events, dead, indexed, example)
+
+
+def index_and_search(s: OpalSettings, events: list[AspectEvent]) -> tuple[int, tuple[str, str, int] | None]:
+    """Run the search indexer over the aspect topic, then query the commonest aspect value."""
+    import threading
+    from collections import Counter
+
+    from workers.index_worker import build_indexer
+    from workers.search_index import SearchIndex
+
+    stats = build_indexer(s).run(threading.Event(), idle_exit_s=2.0)
+    common = Counter((a.name, a.value) for e in events for a in e.aspects).most_common(1)
+    if not common:
+        return stats.indexed, None
+    (name, value), _ = common[0]
+    index = SearchIndex.from_url(s.redis.url_value(), s.redis.key_prefix)
+    try:
+        return stats.indexed, (name, value, index.search({name: value})[0])
+    finally:
+        index.close()
 
 
 def print_result(console: Console, r: DemoResult) -> None:
@@ -167,4 +191,7 @@ def print_result(console: Console, r: DemoResult) -> None:
             f"model latency p50 {ms[len(ms) // 2] if ms else 0:.0f} ms · model {r.aspect_events[0].model.name} "
             f"{r.aspect_events[0].model.version}"
         )
+    if r.search_example:
+        name, value, hits = r.search_example
+        console.print(f"search index: {r.indexed} listings indexed; {name}={value} finds {hits} of them", highlight=False)
     print(f"demo: {r.listings_in} listings in, {len(r.aspect_events)} aspect events out, {len(r.dead_letters)} dead letters")

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from opal.embedded import EmbeddedStack, ManagedProcess
+from schemas.serde import EventCodec
 from schemas.settings import EmbeddedSettings, OpalSettings, TopicSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,3 +81,35 @@ def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture(scope="session")
 def vllm_url(vllm_server: tuple[ManagedProcess, str]) -> str:
     return vllm_server[1]
+
+
+def publish(s: OpalSettings, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+    """Produce (key, value) records (value None: a tombstone) and wait until all are acknowledged."""
+    from workers.kafka_clients import make_producer
+
+    p = make_producer(s.kafka)
+    for k, v in records:
+        p.produce(topic, key=k, value=v)
+    assert p.flush(30) == 0
+
+
+def read_topic(
+    s: OpalSettings, topic: str, codec: EventCodec[Any], n: int, timeout_s: float = 30, settle_s: float = 0.0
+) -> list[tuple[Any, Any]]:
+    """Read from the beginning until ``n`` records arrived (or ``timeout_s``), then until ``settle_s`` pass with no new one."""
+    from workers.kafka_clients import make_consumer
+
+    c = make_consumer(s.kafka, f"reader-{uuid.uuid4().hex[:6]}")
+    c.subscribe([topic])
+    out: list[tuple[Any, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    while time.monotonic() < deadline:
+        m = c.poll(0.3)
+        if m is not None and not m.error():
+            out.append((m.key(), codec.decode(m.value())))
+            last = time.monotonic()
+        elif len(out) >= n and time.monotonic() - last >= settle_s:
+            break
+    c.close()
+    return out

@@ -62,3 +62,5 @@ def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
     for reason in ("malformed_event", "unknown_category", "invalid_image"):
         assert reason in r.stdout
     assert "schema-valid: 40/40" in r.stdout
+    found = re.search(r"search index: (\d+) listings indexed; .+=.+ finds (\d+) of them", r.stdout)
+    assert found and found.group(1) == "40" and 1 <= int(found.group(2)) <= 40, r.stdout[-2000:]

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from opal.samples import SampleListing, load_samples, sample_event
 from schemas.events import AspectEvent, DeadLetter, ImageRef, Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings, TopicSettings
-from tests.conftest import REPO, opal_bin
+from tests.conftest import REPO, opal_bin, publish, read_topic
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.enrich import EnrichWorker, run_worker
-from workers.kafka_clients import make_consumer, make_producer
 from workers.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.vllm
@@ -75,31 +73,11 @@ def _events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l")
     return out
 
 
-def _publish(s: OpalSettings, records: list[tuple[bytes, bytes]], topic: str | None = None) -> None:
-    p = make_producer(s.kafka)
-    for k, v in records:
-        p.produce(topic or s.topics.images_realtime, key=k, value=v)
-    assert p.flush(30) == 0
+def _publish(s: OpalSettings, records: list[tuple[bytes, bytes | None]], topic: str | None = None) -> None:
+    publish(s, topic or s.topics.images_realtime, records)
 
 
-def _read(
-    s: OpalSettings, topic: str, codec: EventCodec[Any], n: int, timeout_s: float = 30, settle_s: float = 0.0
-) -> list[tuple[Any, Any]]:
-    """Read from the beginning until ``n`` records arrived (or ``timeout_s``), then until ``settle_s`` pass with no new one."""
-    c = make_consumer(s.kafka, f"reader-{uuid.uuid4().hex[:6]}")
-    c.subscribe([topic])
-    out: list[tuple[Any, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    last = time.monotonic()
-    while time.monotonic() < deadline:
-        m = c.poll(0.3)
-        if m is not None and not m.error():
-            out.append((m.key(), codec.decode(m.value())))
-            last = time.monotonic()
-        elif len(out) >= n and time.monotonic() - last >= settle_s:
-            break
-    c.close()
-    return out
+_read = read_topic
 
 
 def _run(s: OpalSettings, idle: float = 2.0) -> tuple[EnrichWorker, WorkerMetrics]:

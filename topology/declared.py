@@ -12,6 +12,7 @@ from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, ListingImageEv
 from schemas.settings import OpalSettings
 
 DAY_MS = 24 * 3600 * 1000
+INDEXER_GROUP = "opal-search-indexer"
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ def build_topology(settings: OpalSettings) -> Topology:
             "Writes the next DPO preference set.",
         ),
         ConsumerGroup(
-            "opal-search-indexer",
+            INDEXER_GROUP,
             (t.aspects,),
-            ("search index (Redis hashes)",),
-            "search indexer (reference consumer)",
-            "Keeps the latest aspects per listing searchable.",
+            (t.dead_letters, "search index (Redis sets per aspect, category and title word)"),
+            "search indexer (confluent-kafka) -> Redis",
+            "Keeps the latest aspects per listing searchable; idempotent by Kafka position.",
         ),
     )
     return Topology(topics, groups, settings.kafka.replication_factor)

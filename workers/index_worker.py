@@ -1,0 +1,230 @@
+"""Search indexer: the aspect topic -> :class:`workers.search_index.SearchIndex` (Redis).
+
+Contract
+- Reads ``topics.aspects`` in consumer group :data:`topology.declared.INDEXER_GROUP`.
+- At-least-once with idempotent effects: a batch's offsets are stored only after every
+  record of it is applied to Redis and every dead letter of it is acknowledged by
+  Kafka; the consumer's auto-commit then persists them. A crash replays at most the
+  uncommitted tail and, because :meth:`SearchIndex.apply` ignores positions it has
+  already seen, a replay changes nothing.
+- A record that is not an AspectEvent (corrupt bytes, unknown schema, key != listing
+  id, tombstone without key) becomes a DeadLetter with its reason and raw bytes; a
+  tombstone with a key removes the listing from the index.
+- Redis errors and retriable decode errors (schema registry down) are retried with
+  exponential backoff ``max_attempts`` times; then :class:`IndexerError` is raised with
+  the batch's offsets not stored, and the process exits non-zero for its supervisor to
+  restart it (nothing is lost, nothing is skipped).
+- ``stop`` is checked between batches: the current batch finishes, its offsets are
+  committed synchronously, the consumer leaves the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from schemas.errors import ErrorKind, OpalError
+from schemas.events import AspectEvent, DeadLetter
+from schemas.serde import EventCodec
+from schemas.settings import OpalSettings
+from topology.declared import INDEXER_GROUP
+from workers.intake import dead_letter_for
+from workers.search_index import SearchIndex
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class IndexerError(RuntimeError):
+    """The indexer gave up (Redis or Kafka unavailable past the retry budget); offsets of the failed batch were not stored."""
+
+
+class InvalidAspectRecordError(OpalError):
+    """The record's key does not name the listing its AspectEvent is about (or a tombstone has no key)."""
+
+    reason = ErrorKind.INVALID_EVENT
+
+
+@dataclass
+class IndexerStats:
+    indexed: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+
+
+class SearchIndexer:
+    """One consumer, one Redis index; synchronous (every effect of a batch lands before its offsets are stored)."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        producer: Producer,
+        index: SearchIndex,
+        codec: EventCodec[AspectEvent],
+        dl_codec: EventCodec[DeadLetter],
+        topic: str,
+        dead_letter_topic: str,
+        batch_size: int = 500,
+        max_attempts: int = 5,
+        backoff_s: float = 0.5,
+        join_wait_s: float = 16.0,
+    ) -> None:
+        self.consumer = consumer
+        self.producer = producer
+        self.index = index
+        self.codec = codec
+        self.dl_codec = dl_codec
+        self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.join_wait_s = join_wait_s
+        self.stats = IndexerStats()
+        self._assigned = False
+        self._delivery_errors: list[str] = []
+
+    def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> IndexerStats:
+        """Index until ``stop`` is set (or, once assigned, nothing arrived for ``idle_exit_s``)."""
+
+        def on_assign(_c: Consumer, parts: list[TopicPartition]) -> None:
+            self._assigned = True
+            log.info("indexer assigned %s", [p.partition for p in parts])
+
+        self.consumer.subscribe([self.topic], on_assign=on_assign)
+        last = time.monotonic()
+        try:
+            while not stop.is_set():
+                msgs = self.consumer.consume(self.batch_size, timeout=0.5)
+                records = []
+                for m in msgs:
+                    err = m.error()
+                    if err is None:
+                        records.append(m)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", err)
+                if records:
+                    self._process(records)
+                    last = time.monotonic()
+                elif not self._assigned:
+                    last = time.monotonic()  # idle time counts only once the group has assigned us partitions
+                elif idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
+                    break
+        finally:
+            self._close()
+        return self.stats
+
+    def _process(self, records: list[Message]) -> None:
+        for m in records:
+            self._one(m)
+        self.producer.flush(30)
+        if self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors, []
+            raise IndexerError(f"dead letters not acknowledged ({errors[0]}); offsets not stored, the batch will be replayed")
+        last: dict[tuple[str, int], int] = {}
+        for m in records:
+            tp = (m.topic() or "", m.partition() or 0)
+            last[tp] = max(last.get(tp, -1), m.offset() or 0)
+        self.consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
+        self.stats.batches += 1
+
+    def _one(self, m: Message) -> None:
+        key = m.key()
+        try:
+            listing_id = key.decode("utf-8") if key else None
+        except UnicodeDecodeError:
+            listing_id = None
+        part, off = m.partition() or 0, m.offset() or 0
+        if m.value() is None:
+            if listing_id is None:
+                self._dead_letter(m, InvalidAspectRecordError("tombstone without a (UTF-8) key: no listing to delete"))
+                return
+            self._count(self._retry(lambda: self.index.apply(listing_id, part, off, None)))
+            return
+        try:
+            event = self._retry(lambda: self.codec.decode(m.value()))
+            if listing_id is not None and event.listing_id != listing_id:
+                raise InvalidAspectRecordError(f"record key {listing_id!r} != event listing_id {event.listing_id!r}")
+        except OpalError as e:
+            self._dead_letter(m, e)
+            return
+        self._count(self._retry(lambda: self.index.apply(event.listing_id, part, off, event)))
+
+    def _count(self, outcome: int) -> None:
+        if outcome == 1:
+            self.stats.indexed += 1
+        elif outcome == 2:
+            self.stats.deleted += 1
+        else:
+            self.stats.skipped += 1
+
+    def _retry(self, op: Callable[[], T]) -> T:
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return op()
+            except (redis.RedisError, OSError) as e:
+                err: Exception = e
+            except OpalError as e:
+                if not e.retriable:
+                    raise
+                err = e
+            if attempt == self.max_attempts:
+                raise IndexerError(f"giving up after {attempt} attempts: {type(err).__name__}: {err}") from err
+            delay = min(30.0, self.backoff_s * 2 ** (attempt - 1))
+            log.warning("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(err).__name__, err, delay)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _dead_letter(self, m: Message, error: OpalError) -> None:
+        dl = dead_letter_for(m, error)
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                self._delivery_errors.append(str(err))
+
+        self.producer.produce(self.dead_letter_topic, key=m.key(), value=self.dl_codec.encode(dl), on_delivery=on_delivery)
+        self.stats.dead_lettered += 1
+        log.warning("dead letter for %s[%s]@%s: %s: %s", m.topic(), m.partition(), m.offset(), error.reason, error)
+
+    def _close(self) -> None:
+        # tansu 0.6: leaving while a JoinGroup is pending wedges the group for later members, so finish joining
+        # first (records fetched meanwhile are not stored: the next owner reads them again)
+        deadline = time.monotonic() + self.join_wait_s
+        while not self._assigned and time.monotonic() < deadline:
+            self.consumer.poll(0.1)
+        try:
+            self.consumer.commit(asynchronous=False)
+        except Exception as e:  # nothing stored yet is not an error
+            log.debug("commit: %s", e)
+        self.consumer.close()
+        self.index.close()
+
+
+def build_indexer(settings: OpalSettings, batch_size: int = 500, group_id: str = INDEXER_GROUP, max_attempts: int = 5) -> SearchIndexer:
+    """A SearchIndexer with real clients from settings (Kafka, Redis)."""
+    from schemas.category import default_categories
+    from schemas.serde import framing_for
+    from workers.kafka_clients import make_consumer, make_producer
+
+    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
+    return SearchIndexer(
+        consumer=make_consumer(settings.kafka, group_id),
+        producer=make_producer(settings.kafka),
+        index=SearchIndex.from_url(settings.redis.url_value(), settings.redis.key_prefix, default_categories()),
+        codec=EventCodec(AspectEvent, framing=framing),
+        dl_codec=EventCodec(DeadLetter, framing=framing),
+        topic=settings.topics.aspects,
+        dead_letter_topic=settings.topics.dead_letters,
+        batch_size=batch_size,
+        max_attempts=max_attempts,
+        join_wait_s=settings.kafka.session_timeout_ms / 1000 + 10,
+    )
