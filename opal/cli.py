@@ -473,6 +473,7 @@ def worker_enrich(
 def worker_index(
     idle_exit: Annotated[float | None, typer.Option(help="Exit after this many seconds with nothing to do (batch runs).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Most records applied per batch (offsets stored per batch).")] = 500,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 = a free one, printed).")] = 0,
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
 ) -> None:
     """Keep the search index (Redis) in step with the aspect topic until SIGTERM/Ctrl-C."""
@@ -480,16 +481,19 @@ def worker_index(
     import threading
 
     from workers.index_worker import IndexerError, build_indexer
+    from workers.metrics import IndexerMetrics
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = _settings()
     _require_kafka(s)
     _require_redis(s)
+    metrics = IndexerMetrics()
+    console.print(f"metrics on http://127.0.0.1:{metrics.serve(metrics_port)}/metrics", highlight=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        st = build_indexer(s, batch_size).run(stop, idle_exit_s=idle_exit)
+        st = build_indexer(s, batch_size, metrics=metrics).run(stop, idle_exit_s=idle_exit)
     except IndexerError as e:
         console.print(f"[red]indexer stopped: {e}[/]")
         raise typer.Exit(1) from None

@@ -19,6 +19,7 @@ from tests.conftest import REPO, opal_bin, publish, read_topic
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.index_worker import IndexerError, build_indexer
+from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex, parse_aspect_filters, terms_of
 
 CODEC = EventCodec(AspectEvent)
@@ -81,9 +82,13 @@ def test_updates_deletes_and_bad_records(isettings: OpalSettings) -> None:
         ],
     )
 
-    st = run_indexer(s, f"idx-{uuid.uuid4().hex[:6]}")
+    metrics = IndexerMetrics()
+    st = build_indexer(s, group_id=f"idx-{uuid.uuid4().hex[:6]}", metrics=metrics).run(threading.Event(), idle_exit_s=2.0)
 
     assert (st.indexed, st.deleted, st.dead_lettered) == (4, 1, 2)
+    assert metrics.value("opal_index_records_total", outcome="indexed") == 4
+    assert metrics.value("opal_index_dead_letters_total", reason="malformed_event") == 1
+    assert sum(metrics.value("opal_index_lag", partition=str(p)) for p in range(3)) == 0  # caught up
     idx = index_of(s)
     assert idx.search({"Color": "White"}) == (0, [])
     total, hits = idx.search({"color": "RED", "Brand": "nike"})

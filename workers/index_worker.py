@@ -36,6 +36,7 @@ from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 from topology.declared import INDEXER_GROUP
 from workers.intake import dead_letter_for
+from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class SearchIndexer:
         max_attempts: int = 5,
         backoff_s: float = 0.5,
         join_wait_s: float = 16.0,
+        metrics: IndexerMetrics | None = None,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -89,6 +91,7 @@ class SearchIndexer:
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.join_wait_s = join_wait_s
+        self.metrics = metrics or IndexerMetrics()
         self.stats = IndexerStats()
         self._assigned = False
         self._delivery_errors: list[str] = []
@@ -124,6 +127,7 @@ class SearchIndexer:
         return self.stats
 
     def _process(self, records: list[Message]) -> None:
+        t0 = time.monotonic()
         for m in records:
             self._one(m)
         self.producer.flush(30)
@@ -136,6 +140,14 @@ class SearchIndexer:
             last[tp] = max(last.get(tp, -1), m.offset() or 0)
         self.consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
         self.stats.batches += 1
+        self.metrics.batch_seconds.observe(time.monotonic() - t0)
+        for (t, p), o in last.items():
+            try:
+                _low, high = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
+            except Exception:  # advisory: never fail a batch over lag
+                continue
+            if high is not None and high >= 0:
+                self.metrics.lag.labels(str(p)).set(max(0, high - (o + 1)))
 
     def _one(self, m: Message) -> None:
         key = m.key()
@@ -160,12 +172,9 @@ class SearchIndexer:
         self._count(self._retry(lambda: self.index.apply(event.listing_id, part, off, event)))
 
     def _count(self, outcome: int) -> None:
-        if outcome == 1:
-            self.stats.indexed += 1
-        elif outcome == 2:
-            self.stats.deleted += 1
-        else:
-            self.stats.skipped += 1
+        name = {1: "indexed", 2: "deleted"}.get(outcome, "skipped")
+        setattr(self.stats, name, getattr(self.stats, name) + 1)
+        self.metrics.applied.labels(name).inc()
 
     def _retry(self, op: Callable[[], T]) -> T:
         for attempt in range(1, self.max_attempts + 1):
@@ -193,6 +202,7 @@ class SearchIndexer:
 
         self.producer.produce(self.dead_letter_topic, key=m.key(), value=self.dl_codec.encode(dl), on_delivery=on_delivery)
         self.stats.dead_lettered += 1
+        self.metrics.dead_lettered.labels(str(error.reason)).inc()
         log.warning("dead letter for %s[%s]@%s: %s: %s", m.topic(), m.partition(), m.offset(), error.reason, error)
 
     def _close(self) -> None:
@@ -209,7 +219,13 @@ class SearchIndexer:
         self.index.close()
 
 
-def build_indexer(settings: OpalSettings, batch_size: int = 500, group_id: str = INDEXER_GROUP, max_attempts: int = 5) -> SearchIndexer:
+def build_indexer(
+    settings: OpalSettings,
+    batch_size: int = 500,
+    group_id: str = INDEXER_GROUP,
+    max_attempts: int = 5,
+    metrics: IndexerMetrics | None = None,
+) -> SearchIndexer:
     """A SearchIndexer with real clients from settings (Kafka, Redis)."""
     from schemas.category import default_categories
     from schemas.serde import framing_for
@@ -227,4 +243,5 @@ def build_indexer(settings: OpalSettings, batch_size: int = 500, group_id: str =
         batch_size=batch_size,
         max_attempts=max_attempts,
         join_wait_s=settings.kafka.session_timeout_ms / 1000 + 10,
+        metrics=metrics,
     )

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the enrichment worker (one registry per worker instance)."""
+"""Prometheus metrics of the stream workers (one registry per worker instance)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,22 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
-class WorkerMetrics:
+class _Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose /metrics; returns the bound port (0 picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.registry.get_sample_value(name, labels or None)
+        return 0.0 if v is None else float(v)
+
+
+@dataclass
+class WorkerMetrics(_Metrics):
+    """The enrichment worker."""
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -30,11 +44,20 @@ class WorkerMetrics:
         self.lag = Gauge("opal_enrich_lag", "High-water mark minus position, from fetched messages", ["topic", "partition"], registry=r)
         self.paused = Gauge("opal_enrich_paused_partitions", "Partitions paused for backpressure or lane priority", registry=r)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose /metrics; returns the bound port (0 picks a free one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
 
-    def value(self, name: str, **labels: str) -> float:
-        v = self.registry.get_sample_value(name, labels or None)
-        return 0.0 if v is None else float(v)
+@dataclass
+class IndexerMetrics(_Metrics):
+    """The search indexer."""
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.applied = Counter(
+            "opal_index_records_total", "Records applied to the index", ["outcome"], registry=r
+        )  # outcome: indexed, deleted, skipped (not newer than the index: replays)
+        self.dead_lettered = Counter(
+            "opal_index_dead_letters_total", "DeadLetters produced (a batch fails unless all are acknowledged)", ["reason"], registry=r
+        )
+        self.batch_seconds = Histogram("opal_index_batch_seconds", "Time to apply and store one batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge(
+            "opal_index_lag", "High-water mark minus the next offset to index, from fetched messages", ["partition"], registry=r
+        )
