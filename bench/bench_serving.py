@@ -40,10 +40,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.plot import histogram_png  # noqa: E402
 from inference.client import ListingClient  # noqa: E402
 from inference.prompt import serving_messages  # noqa: E402
 from opal.cpu_affinity import colocate_engine_core  # noqa: E402
+from opal.plots import histogram_png  # noqa: E402
 from opal.samples import load_samples  # noqa: E402
 from opal.vllm_server import start_vllm, vllm_env  # noqa: E402
 from schemas.category import default_categories  # noqa: E402

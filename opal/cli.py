@@ -309,6 +309,49 @@ def eval_score(
     console.print(a)
 
 
+@eval_app.command("run")
+def eval_run(
+    endpoint: Annotated[str, typer.Option(help="OpenAI-compatible base URL (ending in /v1) serving the model under test.")],
+    data: Annotated[Path, typer.Option(help="ABO-format folder (listings.jsonl + images/).")] = SAMPLE_DIR,
+    split: Annotated[str, typer.Option(help="train, validation, test or all (all includes train items).")] = "test",
+    limit: Annotated[int | None, typer.Option(min=1, help="Score at most this many items of the split.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for predictions, references, report.json/.md and metrics.png.")] = Path(".opal/eval"),
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 16,
+) -> None:
+    """Generate listings for a split through ENDPOINT and score them beside a majority baseline (training/evaluate.py)."""
+    import asyncio
+
+    from rich.progress import Progress
+
+    from opal.plots import bars_png
+    from training.evaluate import METRICS, EvalConfig, run_eval, write_eval
+
+    if split not in ("train", "validation", "test", "all"):
+        console.print(f"[red]unknown split {split!r}[/] (train, validation, test, all)")
+        raise typer.Exit(2)
+    config = EvalConfig(data=data, endpoint=endpoint, split=split, limit=limit, concurrency=concurrency)  # type: ignore[arg-type]
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("generating", total=None)
+        try:
+            result = asyncio.run(run_eval(config, progress=lambda done, total: bar.update(task, completed=done, total=total)))
+        except (ValueError, OSError, OpalError) as e:  # no items, unreadable data, endpoint down
+            console.print(f"[red]{e}[/]")
+            raise typer.Exit(2) from None
+    paths = write_eval(result, out)
+    png = bars_png(
+        METRICS,
+        {system: [float(summary[m]) for m in METRICS] for system, summary in result.table()},
+        out / "metrics.png",
+        f"{result.model} on {data.name}/{split} ({len(result.references)} items)",
+    )
+    t = Table("system", *METRICS, title=f"{result.model}: {len(result.references)} items of {data.name}/{split}")
+    for system, summary in result.table():
+        t.add_row(system, *(f"{float(summary[m]):.3f}" for m in METRICS))
+    console.print(t)
+    console.print(f"rejected outputs: {result.rejected} · failed requests: {result.failed}")
+    console.print("wrote " + ", ".join(str(x) for x in [*paths, png]), highlight=False)
+
+
 # -- training data -----------------------------------------------------------------------
 def _print_pass(summary: Any, out: Path) -> None:
     console.print(_summary_table(summary))

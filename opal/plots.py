@@ -1,4 +1,4 @@
-"""Minimal PNG charts with Pillow (both environments have it; no matplotlib)."""
+"""Minimal PNG charts with Pillow (both environments have it; no matplotlib): latency histograms, metric bars."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 
 def histogram_png(series: dict[str, Sequence[float]], path: Path, title: str, unit: str = "ms", bins: int = 30) -> Path:
@@ -17,7 +19,6 @@ def histogram_png(series: dict[str, Sequence[float]], path: Path, title: str, un
     lo, hi = min(values), max(values)
     hi = hi if hi > lo else lo + 1
     width = (hi - lo) / bins
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
     counts = {name: [0] * bins for name in series}
     for name, s in series.items():
         for v in s:
@@ -28,7 +29,7 @@ def histogram_png(series: dict[str, Sequence[float]], path: Path, title: str, un
     d.line([(pad, pad), (pad, h - pad)], fill="black")
     bw = (w - 2 * pad) / bins
     for i, (name, c) in enumerate(counts.items()):
-        col = colours[i % len(colours)]
+        col = COLOURS[i % len(COLOURS)]
         for b, n in enumerate(c):
             if n:
                 x0 = pad + b * bw + i * bw / len(counts)
@@ -41,6 +42,36 @@ def histogram_png(series: dict[str, Sequence[float]], path: Path, title: str, un
         d.text((x - 15, h - pad + 8), f"{lo + (hi - lo) * k / 4:.0f}", fill="black")
     d.text((w // 2 - 20, h - 25), unit, fill="black")
     d.text((10, pad - 20), f"max {top}", fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def bars_png(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, title: str, top: float = 1.0) -> Path:
+    """Grouped bars: one group per label in ``groups`` (e.g. a metric), one bar per series (e.g. a system)."""
+    w, h, pad = 900, 480, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((pad, 15), title, fill="black")
+    d.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
+    d.line([(pad, pad), (pad, h - pad)], fill="black")
+    gw = (w - 2 * pad) / max(1, len(groups))
+    bw = gw * 0.8 / max(1, len(series))
+    for gi, label in enumerate(groups):
+        x_group = pad + gi * gw + gw * 0.1
+        d.text((x_group, h - pad + 8), label, fill="black")
+        for si, (_name, values) in enumerate(series.items()):
+            v = max(0.0, min(top, float(values[gi])))
+            x0 = x_group + si * bw
+            y0 = h - pad - (h - 2 * pad) * v / top
+            d.rectangle([x0, y0, x0 + bw - 2, h - pad], fill=COLOURS[si % len(COLOURS)])
+            d.text((x0, y0 - 14), f"{float(values[gi]):.2f}", fill="black")
+    for si, name in enumerate(series):
+        d.rectangle([w - 250, 20 + 18 * si, w - 238, 32 + 18 * si], fill=COLOURS[si % len(COLOURS)])
+        d.text((w - 230, 20 + 18 * si), name, fill="black")
+    for k in range(5):
+        y = h - pad - (h - 2 * pad) * k / 4
+        d.text((10, y - 6), f"{top * k / 4:.2f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
