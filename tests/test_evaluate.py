@@ -41,17 +41,15 @@ def test_split_selection_is_deterministic_and_limited() -> None:
     assert select(records, "test", None) == select(list(reversed(records)), "test", None)
 
 
+def eval_run(endpoint: str, out: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [opal_bin(), "eval", "run", "--endpoint", endpoint, "--out", str(out), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
 @pytest.mark.vllm
 def test_eval_run_scores_the_model_and_the_baseline(vllm_url: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
     out = tmp_path / "eval"
-    r = subprocess.run(
-        [opal_bin(), "eval", "run", "--endpoint", vllm_url, "--split", "all", "--limit", "12", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        cwd=REPO,
-        timeout=600,
-    )
+    r = eval_run(vllm_url, out, cli_env, "--split", "all", "--limit", "12")
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["items"] == 12 and report["failed"] == 0 and set(report["systems"]) == {"model", "majority baseline"}
@@ -67,12 +65,5 @@ def test_eval_run_scores_the_model_and_the_baseline(vllm_url: str, tmp_path: Pat
 
 def test_eval_run_with_the_endpoint_down_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
     down = f"http://127.0.0.1:{free_port()}/v1"
-    r = subprocess.run(
-        [opal_bin(), "eval", "run", "--endpoint", down, "--limit", "2", "--split", "all", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=cli_env,
-        cwd=REPO,
-        timeout=120,
-    )
+    r = eval_run(down, tmp_path, cli_env, "--limit", "2", "--split", "all")
     assert r.returncode == 2 and "failed after" in r.stdout, r.stdout + r.stderr
