@@ -36,6 +36,7 @@ model_app = typer.Typer(help="Build OPAL model folders (runs in the model enviro
 worker_app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
 eval_app = typer.Typer(help="Score generated listings with the paper's metrics.", no_args_is_help=True)
 data_app = typer.Typer(help="Training data: MACE refinement and LACU conversations.", no_args_is_help=True)
+train_app = typer.Typer(help="Train OPAL models: SFT (runs in the model environment).", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
@@ -44,6 +45,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(worker_app, name="worker")
 app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
 
 console = Console()
 
@@ -604,6 +606,61 @@ def model_init_tiny(
     for k in ("name", "version", "parameters"):
         t.add_row(k, card[k])
     console.print(t)
+
+
+@train_app.command("sft")
+def train_sft(
+    base: Annotated[Path, typer.Option(help="Model folder to start from (`opal model init-tiny` output or a Qwen2-VL).")],
+    out: Annotated[Path, typer.Option(help="Folder for the trained model (overwritten); vLLM serves it as is.")],
+    data: Annotated[Path, typer.Option(help="ABO-format folder; its train split is used.")] = SAMPLE_DIR,
+    mace: Annotated[Path | None, typer.Option(help="`opal data mace` JSONL: train on its MLLM-refined listings.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many items.")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: run the epochs).")] = -1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per step.")] = 4,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine, 10% warm-up).")] = 2e-5,
+    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed config, e.g. training/configs/zero3.json.")] = None,
+    freeze_vision: Annotated[bool, typer.Option(help="Freeze the vision encoder (the paper does).")] = True,
+    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU).")] = False,
+    cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is visible.")] = True,
+) -> None:
+    """Visual instruction tuning with TRL on MACE-refined listings; writes the model, train_log.json and loss.png."""
+    _in_model_env(sys.argv[1:])
+    from opal.plots import line_png
+    from training.sft import SftRunConfig, run_sft
+
+    config = SftRunConfig(
+        base_model=base,
+        data=data,
+        output_dir=out,
+        mace=mace,
+        limit=limit,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        freeze_vision=freeze_vision,
+        bf16=bf16,
+        use_cpu=cpu,
+        deepspeed=deepspeed,
+    )
+    try:
+        result = run_sft(config)
+    except (ValueError, OSError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    losses = result.losses()
+    png = line_png({"training loss": losses}, out / "loss.png", f"SFT of {base.name}: {result.items} items") if losses else None
+    t = Table("field", "value", title=f"SFT -> {out}")
+    t.add_row("model", f"{result.card['name']}@{result.card['version']}")
+    t.add_row("items", str(result.items))
+    t.add_row("steps", result.card["steps"])
+    t.add_row("parameters trained / frozen", f"{result.trainable:,} / {result.frozen:,}")
+    if losses:
+        t.add_row("loss first -> last logged", f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
+    console.print(t)
+    if png:
+        console.print(f"loss curve: {png}", highlight=False)
 
 
 @app.command("serve")

@@ -75,3 +75,37 @@ def bars_png(groups: Sequence[str], series: dict[str, Sequence[float]], path: Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def line_png(series: dict[str, Sequence[tuple[float, float]]], path: Path, title: str, x_label: str = "step") -> Path:
+    """One polyline per series of (x, y) points, e.g. training loss over steps."""
+    w, h, pad = 900, 480, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    points = [p for s in series.values() for p in s]
+    x_lo, x_hi = min(x for x, _ in points), max(x for x, _ in points)
+    y_lo, y_hi = min(0.0, min(y for _, y in points)), max(y for _, y in points)
+    x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return pad + (w - 2 * pad) * (x - x_lo) / (x_hi - x_lo), h - pad - (h - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
+
+    d.text((pad, 15), title, fill="black")
+    d.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
+    d.line([(pad, pad), (pad, h - pad)], fill="black")
+    for i, (name, s) in enumerate(series.items()):
+        col = COLOURS[i % len(COLOURS)]
+        xy = [at(x, y) for x, y in sorted(s)]
+        if len(xy) > 1:
+            d.line(xy, fill=col, width=2)
+        for x0, y0 in xy:
+            d.ellipse([x0 - 3, y0 - 3, x0 + 3, y0 + 3], fill=col)
+        d.rectangle([w - 250, 20 + 18 * i, w - 238, 32 + 18 * i], fill=col)
+        d.text((w - 230, 20 + 18 * i), name, fill="black")
+    for k in range(5):
+        d.text((pad + (w - 2 * pad) * k / 4 - 10, h - pad + 8), f"{x_lo + (x_hi - x_lo) * k / 4:.0f}", fill="black")
+        d.text((10, h - pad - (h - 2 * pad) * k / 4 - 6), f"{y_lo + (y_hi - y_lo) * k / 4:.2f}", fill="black")
+    d.text((w // 2 - 20, h - 25), x_label, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
