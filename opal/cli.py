@@ -431,6 +431,37 @@ def data_mace(
     _print_pass(summary, out)
 
 
+@data_app.command("pairs")
+def data_pairs(
+    endpoint: Annotated[str, typer.Option(help="Endpoint (…/v1) serving the model to judge, normally the SFT model.")],
+    out: Annotated[Path, typer.Option(help="PreferencePair JSONL (overwritten).")] = Path(".opal/data/pairs.jsonl"),
+    data: Annotated[Path, typer.Option(help="ABO-format folder; its train split is used.")] = SAMPLE_DIR,
+    mace: Annotated[Path | None, typer.Option(help="`opal data mace` JSONL: judge against its MLLM-refined listings.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many items.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 8,
+) -> None:
+    """DPO pairs: generate on the train split, judge against the MACE-refined reference, pair the bottom two verdicts."""
+    import asyncio
+
+    from training.preferences import build_pairs, write_pairs
+    from training.sft import SftRunConfig, training_items
+
+    reg = default_categories()
+    items = training_items(SftRunConfig(base_model=Path("."), data=data, output_dir=Path("."), mace=mace, limit=limit), reg)
+    try:
+        summary = asyncio.run(_with_client(endpoint, concurrency, lambda c: build_pairs(items, c, reg)))
+    except OpalError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    write_pairs(summary.pairs, out)
+    t = Table("verdict", "items", title=f"judged {summary.items - summary.failed} of {summary.items} train items")
+    for verdict, n in sorted(summary.verdicts.items()):
+        t.add_row(verdict, str(n))
+    t.add_row("failed requests", str(summary.failed))
+    console.print(t)
+    console.print(f"wrote {len(summary.pairs)} preference pairs to {out}", highlight=False)
+
+
 @data_app.command("lacu")
 def data_lacu(
     mace: Annotated[Path, typer.Option(help="MACE output JSONL.")] = Path(".opal/data/mace.jsonl"),
@@ -661,6 +692,60 @@ def train_sft(
     console.print(t)
     if png:
         console.print(f"loss curve: {png}", highlight=False)
+
+
+@train_app.command("dpo")
+def train_dpo(
+    base: Annotated[Path, typer.Option(help="Model to tune (normally the SFT output); also the frozen reference.")],
+    pairs: Annotated[Path, typer.Option(help="PreferencePair JSONL (`opal data pairs`).")],
+    out: Annotated[Path, typer.Option(help="Folder for the tuned model (overwritten); vLLM serves it as is.")],
+    beta: Annotated[float, typer.Option(help="DPO beta.")] = 0.1,
+    epochs: Annotated[float, typer.Option(help="Passes over the pairs.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: run the epochs).")] = -1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 2,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (1e-5: higher collapsed the tiny model).")] = 1e-5,
+    cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is visible.")] = True,
+    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU).")] = False,
+) -> None:
+    """Sigmoid DPO with TRL against a frozen reference copy; writes the model, train_log.json and dpo.png (loss, margins)."""
+    _in_model_env(sys.argv[1:])
+    from opal.plots import line_png
+    from training.dpo import DpoRunConfig, run_dpo
+    from training.sft import logged
+
+    config = DpoRunConfig(
+        base_model=base,
+        pairs=pairs,
+        output_dir=out,
+        beta=beta,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        use_cpu=cpu,
+        bf16=bf16,
+    )
+    try:
+        result = run_dpo(config)
+    except (ValueError, OSError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    margins = result.margins()
+    losses = logged(result.log, "loss")
+    png = (
+        line_png({"loss": losses, "reward margin": margins}, out / "dpo.png", f"DPO of {base.name}: {result.pairs} pairs")
+        if losses
+        else None
+    )
+    t = Table("field", "value", title=f"DPO -> {out}")
+    t.add_row("model", f"{result.card['name']}@{result.card['version']}")
+    t.add_row("pairs used / skipped", f"{result.pairs} / {result.skipped}")
+    t.add_row("steps", result.card["steps"])
+    if margins:
+        t.add_row("reward margin first -> last logged", f"{margins[0][1]:.4f} -> {margins[-1][1]:.4f}")
+    console.print(t)
+    if png:
+        console.print(f"curves: {png}", highlight=False)
 
 
 @app.command("serve")

@@ -72,7 +72,12 @@ class SftResult:
     frozen: int
 
     def losses(self) -> list[tuple[int, float]]:
-        return [(int(h["step"]), float(h["loss"])) for h in self.log if "loss" in h]
+        return logged(self.log, "loss")
+
+
+def logged(log: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    """(step, value) of ``key`` in a TRL log history (the entries that have it)."""
+    return [(int(h["step"]), float(h[key])) for h in log if key in h]
 
 
 def training_items(config: SftRunConfig, categories: CategoryRegistry) -> list[tuple[ListingRecord, str, dict[str, str]]]:
@@ -106,26 +111,11 @@ def _deepspeed_env(config: SftRunConfig) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".opal" / "torch-extensions"))
 
 
-def _card(config: SftRunConfig, out: Path, steps: int, items: int) -> dict[str, str]:
-    base_card_path = config.base_model / "opal_model.json"
-    base = json.loads(base_card_path.read_text()) if base_card_path.exists() else {"name": config.base_model.name, "version": "?"}
-    digest = hashlib.sha256(b"".join(w.read_bytes() for w in sorted(out.glob("*.safetensors")))).hexdigest()[:12]
-    return {
-        "name": str(base["name"]),
-        "version": f"sft-{digest}",
-        "base_version": str(base["version"]),
-        "steps": str(steps),
-        "items": str(items),
-        "data": str(config.data),
-    }
-
-
 def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None) -> SftResult:
     """Train and write the model folder (see the module contract)."""
-    import torch
     from datasets import Dataset
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
     cats = categories or default_categories()
@@ -135,12 +125,7 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None) ->
     rows = [sft_row(title, aspects, cats.get(r.category), Image.open(r.image).convert("RGB")) for r, title, aspects in items]
     _deepspeed_env(config)
     processor = AutoProcessor.from_pretrained(config.base_model)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(config.base_model, dtype=torch.bfloat16 if config.bf16 else torch.float32)
-    if config.freeze_vision:
-        for p in model.model.visual.parameters():
-            p.requires_grad = False
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    model, trainable, frozen = load_model(config.base_model, config.bf16, config.freeze_vision)
     args = SFTConfig(
         output_dir=str(config.output_dir),
         num_train_epochs=config.epochs,
@@ -162,13 +147,50 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None) ->
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
     trainer.train()
-    out = config.output_dir
+    card, log = save_model_folder(
+        trainer, processor, config.base_model, config.output_dir, "sft", {"items": str(len(rows)), "data": str(config.data)}
+    )
+    return SftResult(config.output_dir, card, log, len(rows), trainable, frozen)
+
+
+def load_model(path: Path, bf16: bool, freeze_vision: bool) -> tuple[Any, int, int]:
+    """(Qwen2-VL model, trainable parameter count, frozen count); fp32 unless ``bf16``; vision tower frozen if asked."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad = False
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return model, trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def save_model_folder(
+    trainer: Any, processor: Any, base_model: Path, out: Path, stage: str, extra: dict[str, str]
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Write a trained model as a folder vLLM serves as is; returns (model card, TRL log history).
+
+    Weights, processor and ``preprocessor_config.json``; ``train_log.json``; ``opal_model.json`` with the base
+    model's name, version ``<stage>-<sha256 of the weights, 12 hex>``, the base version and the step count.
+    """
+    from transformers import Qwen2VLImageProcessor
+
     out.mkdir(parents=True, exist_ok=True)
     trainer.save_model(str(out))
     processor.save_pretrained(out)
-    Qwen2VLImageProcessor.from_pretrained(config.base_model).save_pretrained(out)  # preprocessor_config.json for vLLM
+    Qwen2VLImageProcessor.from_pretrained(base_model).save_pretrained(out)  # preprocessor_config.json for vLLM
     log = list(trainer.state.log_history)
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    card = _card(config, out, trainer.state.global_step, len(rows))
+    base_card_path = base_model / "opal_model.json"
+    base = json.loads(base_card_path.read_text()) if base_card_path.exists() else {"name": base_model.name, "version": "?"}
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in sorted(out.glob("*.safetensors")))).hexdigest()[:12]
+    card = {
+        "name": str(base["name"]),
+        "version": f"{stage}-{digest}",
+        "base_version": str(base["version"]),
+        "steps": str(trainer.state.global_step),
+        **extra,
+    }
     (out / "opal_model.json").write_text(json.dumps(card, indent=2) + "\n")
-    return SftResult(out, card, log, len(rows), trainable, frozen)
+    return card, log
