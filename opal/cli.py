@@ -578,6 +578,32 @@ def worker_index(
     console.print(table)
 
 
+@worker_app.command("judge")
+def worker_judge(
+    log_level: Annotated[str, typer.Option(help="Logging level of the faust worker.")] = "WARNING",
+) -> None:
+    """Judge low-confidence listings (faust agent): outcomes to the judge topic, bottom verdicts to the preference topic."""
+    import functools
+    from collections import Counter
+
+    import faust
+
+    from training.judge import judge_event
+    from workers.judge_agent import build_judge_app
+
+    s = _settings()
+    _require_kafka(s)
+    counts: Counter[str] = Counter()
+    app = build_judge_app(s, functools.partial(judge_event, categories=default_categories()), counts)
+    try:
+        faust.Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
+    finally:
+        t = Table("what", "events", title="judge agent")
+        for k, v in sorted(counts.items()):
+            t.add_row(k, str(v))
+        console.print(t)
+
+
 @app.command("search")
 def search(
     aspect: Annotated[list[str] | None, typer.Option("--aspect", "-a", help="NAME=VALUE; repeat to AND several.")] = None,

@@ -111,6 +111,9 @@ class AspectEvent(_Event):
     image_sha256: str | None = None
     cache_hit: bool = False
     timings: Timings = Field(default_factory=Timings)
+    images: list[ImageRef] = Field(default_factory=list)  # v2: what the model saw, for the judge
+    seller_title: str | None = None  # v2: judge reference
+    seller_aspects: dict[str, str] = Field(default_factory=dict)  # v2: judge reference
     produced_at: AwareDatetime = Field(default_factory=utcnow)
 
 

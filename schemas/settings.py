@@ -185,6 +185,17 @@ class WorkerSettings(BaseModel):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
 
 
+class JudgeSettings(BaseModel):
+    """The judge agent: which generated listings it judges."""
+
+    model_config = _FROZEN
+
+    confidence_below: float = Field(
+        0.5, ge=0, le=1, description="Judge every listing whose lowest aspect confidence is below this (low confidence)."
+    )
+    sample_rate: float = Field(0.05, ge=0, le=1, description="Also judge this share of the other listings (deterministic by event id).")
+
+
 class EmbeddedSettings(BaseModel):
     """The local stack started when no external endpoint is configured."""
 
@@ -214,6 +225,7 @@ class OpalSettings(BaseSettings):
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
 
     @field_validator("vllm")

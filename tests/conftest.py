@@ -113,3 +113,13 @@ def read_topic(
             break
     c.close()
     return out
+
+
+def settings_env(s: OpalSettings, base: dict[str, str]) -> dict[str, str]:
+    """``base`` plus the OPAL_* variables that point a CLI subprocess at these settings' broker, Redis and topics."""
+    env = {**base, "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or ""}
+    if s.redis.url is not None:
+        env |= {"OPAL_REDIS_URL": s.redis.url_value(), "OPAL_REDIS_KEY_PREFIX": s.redis.key_prefix}
+    for name, value in s.topics.model_dump().items():
+        env[f"OPAL_TOPICS_{name.upper()}"] = str(value)
+    return env

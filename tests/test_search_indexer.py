@@ -15,7 +15,7 @@ from schemas.category import default_categories
 from schemas.events import AspectEvent, AspectValue, DeadLetter, ModelInfo, SchemaCheck
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
-from tests.conftest import REPO, opal_bin, publish, read_topic
+from tests.conftest import REPO, opal_bin, publish, read_topic, settings_env
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.index_worker import IndexerError, build_indexer
@@ -130,14 +130,7 @@ def test_redis_down_stores_no_offsets_and_a_restart_catches_up(isettings: OpalSe
 def test_cli_index_and_search(isettings: OpalSettings, cli_env: dict[str, str]) -> None:
     s = isettings
     publish(s, s.topics.aspects, [record(aspect_event("C1", "Nike white tote", Color="white", Brand="Nike"))])
-    env = {
-        **cli_env,
-        "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
-        "OPAL_REDIS_URL": s.redis.url_value(),
-        "OPAL_REDIS_KEY_PREFIX": s.redis.key_prefix,
-        "OPAL_TOPICS_ASPECTS": s.topics.aspects,
-        "OPAL_TOPICS_DEAD_LETTERS": s.topics.dead_letters,
-    }
+    env = settings_env(s, cli_env)
     run = subprocess.run(
         [opal_bin(), "worker", "index", "--idle-exit", "2"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
     )

@@ -13,6 +13,7 @@ from schemas.settings import OpalSettings
 
 DAY_MS = 24 * 3600 * 1000
 INDEXER_GROUP = "opal-search-indexer"
+JUDGE_GROUP = "opal-judge"
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def build_topology(settings: OpalSettings) -> Topology:
             "Images in, schema-valid AspectEvents out; image cache in Redis.",
         ),
         ConsumerGroup(
-            "opal-judge",
+            JUDGE_GROUP,
             (t.aspects,),
             (t.judge_outcomes, t.preferences, t.dead_letters),
             "judge agent (faust-streaming) -> judge MLLM",

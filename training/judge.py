@@ -28,8 +28,9 @@ from inference.client import ListingClient
 from inference.images import prepare_image
 from inference.output import InvalidOutputError
 from inference.prompt import JUDGE_LEVELS, completion_json, instruction, judge_messages, judge_schema
-from schemas.category import CategorySchema
-from schemas.events import AspectLabel, ImageRef, JudgeOutcome, ModelInfo, PreferencePair, Verdict
+from schemas.category import CategoryRegistry, CategorySchema
+from schemas.events import AspectEvent, AspectLabel, ImageRef, JudgeOutcome, ModelInfo, PreferencePair, Verdict
+from training.mace import refine
 from training.metrics import canonical_json, norm, rouge_l_f1
 
 THRESHOLDS: tuple[tuple[float, Verdict], ...] = (
@@ -142,3 +143,22 @@ def preference_pair(outcome: JudgeOutcome, category: CategorySchema, image: Imag
         verdict=outcome.verdict,
         model=outcome.model,
     )
+
+
+def judge_event(event: AspectEvent, categories: CategoryRegistry) -> tuple[JudgeOutcome, PreferencePair | None] | None:
+    """Judge a streamed AspectEvent against its seller listing, MACE-refined (rules) into the reference.
+
+    None when there is nothing to judge against (no seller title, or the category has no schema). The pair
+    (bottom two verdicts) points at the event's first image; without images no pair is made.
+    """
+    if not event.seller_title or event.category not in categories:
+        return None
+    cat = categories.get(event.category)
+    ref = refine(event.listing_id, event.seller_title, event.seller_aspects, cat)
+    aspects = {a.name: a.value for a in event.aspects}
+    j = reference_judge(event.title, aspects, ref.title, ref.aspects)
+    outcome = to_outcome(
+        j, event.listing_id, event.source_event_id, event.category, event.title, aspects, event.model, (ref.title, ref.aspects)
+    )
+    pair = preference_pair(outcome, cat, event.images[0]) if event.images else None
+    return outcome, pair

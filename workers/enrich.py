@@ -394,6 +394,7 @@ class EnrichWorker:
                 image_sha256=digest,
                 cache_hit=True,
                 timings=Timings(image_ms=image_ms, total_ms=(time.monotonic() - job.consumed_at) * 1000),
+                **_judge_context(event),
             )
         self.metrics.cache_misses.inc()
         self.metrics.model_requests.inc()
@@ -431,6 +432,7 @@ class EnrichWorker:
                 inference_ms=result.inference_ms,
                 total_ms=(time.monotonic() - job.consumed_at) * 1000,
             ),
+            **_judge_context(event),
         )
 
     def _dead_letter(self, job: _Job, error: OpalError, attempts: int, listing_id: str | None) -> None:
@@ -474,6 +476,11 @@ class EnrichWorker:
             consumer.commit(asynchronous=False)
         except Exception as e:
             log.debug("commit: %s", e)
+
+
+def _judge_context(event: ListingImageEvent) -> dict[str, Any]:
+    """What the judge needs besides the output: the images and the seller's listing (AspectEvent v2 fields)."""
+    return {"images": event.images, "seller_title": event.seller_title, "seller_aspects": event.seller_aspects}
 
 
 def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -> EnrichWorker:

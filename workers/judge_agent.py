@@ -1,0 +1,141 @@
+"""Judge agent (faust-streaming): generated listings -> JudgeOutcomes; low verdicts -> DPO preference pairs.
+
+Contract
+- Consumes ``topics.aspects`` as faust app / consumer group :data:`JUDGE_GROUP`.
+- Judges a listing when its lowest aspect confidence is below ``judge.confidence_below``
+  (the model was unsure) or, for calibration, when a hash of its source event id falls in
+  ``judge.sample_rate``; the rest are counted as not selected. The verdict itself comes
+  from the injected ``judge`` function (the CLI wires :func:`training.judge.judge_event`;
+  it returns None when the event carries no reference, counted as ``no_reference``).
+- Writes the JudgeOutcome (key: listing id) to ``topics.judge_outcomes`` and, for the
+  bottom two verdicts, the PreferencePair (key: its deterministic pair id) to
+  ``topics.preferences``: the next DPO set (``opal train dpo`` reads a dump of it).
+- At-least-once: every send is awaited until Kafka acknowledges it before the agent
+  takes the next event, and faust commits an offset only after the agent finished the
+  event. A crash replays the uncommitted tail; the same keys and contents are written
+  again, which compaction and the pair id make harmless.
+- A record that is not an AspectEvent becomes a DeadLetter with its reason; a judge
+  error on one event becomes a DeadLetter too (``internal_error``), never a stuck agent.
+- Runs until SIGTERM/SIGINT (faust's worker stops the agent, commits and leaves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import faust
+
+from schemas.errors import ErrorKind, OpalError
+from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
+from schemas.serde import EventCodec, framing_for
+from schemas.settings import OpalSettings
+from topology.declared import JUDGE_GROUP
+from workers.intake import dead_letter_for
+
+log = logging.getLogger(__name__)
+JudgeFn = Callable[[AspectEvent], "tuple[JudgeOutcome, PreferencePair | None] | None"]
+
+
+class JudgeFailedError(OpalError):
+    """The judge raised on an event (a bug or a judge outage); the event is dead-lettered with the message."""
+
+    reason = ErrorKind.INTERNAL
+
+
+def selected(event: AspectEvent, confidence_below: float, sample_rate: float) -> bool:
+    """Low confidence, or in the deterministic calibration sample."""
+    if event.aspects and min(a.confidence for a in event.aspects) < confidence_below:
+        return True
+    bucket = int(hashlib.sha256(event.source_event_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < sample_rate
+
+
+class _Record:
+    """A faust event seen through the parts :func:`workers.intake.dead_letter_for` reads."""
+
+    def __init__(self, topic: str, ev: Any) -> None:
+        self._topic, self._ev = topic, ev
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return int(self._ev.message.partition)
+
+    def offset(self) -> int:
+        return int(self._ev.message.offset)
+
+    def key(self) -> bytes | None:
+        return self._ev.key  # type: ignore[no-any-return]
+
+    def value(self) -> bytes | None:
+        return self._ev.value  # type: ignore[no-any-return]
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        h = self._ev.headers or {}
+        return list(h.items()) if isinstance(h, dict) else list(h)
+
+
+def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str] | None = None) -> faust.App:
+    """The faust app with one agent (see the module contract); ``counts`` collects what happened to each event."""
+    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
+    codec, out_codec = EventCodec(AspectEvent, framing=framing), EventCodec(JudgeOutcome, framing=framing)
+    pair_codec, dl_codec = EventCodec(PreferencePair, framing=framing), EventCodec(DeadLetter, framing=framing)
+    counts = counts if counts is not None else Counter()
+    t, j = settings.topics, settings.judge
+    app = faust.App(
+        JUDGE_GROUP,
+        broker=f"kafka://{settings.kafka.bootstrap}",
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        store="memory://",
+        topic_allow_declare=False,  # topics come from `opal topology apply`
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+    )
+    source = app.topic(t.aspects, key_serializer="raw", value_serializer="raw")
+    outcomes = app.topic(t.judge_outcomes, key_serializer="raw", value_serializer="raw")
+    preferences = app.topic(t.preferences, key_serializer="raw", value_serializer="raw")
+    dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw")
+
+    async def send(topic: faust.TopicT, key: bytes | None, value: bytes) -> None:
+        fut = await topic.send(key=key, value=value)
+        await fut  # acknowledged by Kafka before the source offset may be committed
+
+    @app.agent(source)
+    async def judge_listings(stream: faust.StreamT) -> None:
+        async for ev in stream.events():
+            try:
+                event = codec.decode(ev.value)
+            except OpalError as e:
+                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(_Record(t.aspects, ev), e)))
+                counts["dead_lettered"] += 1
+                continue
+            if not selected(event, j.confidence_below, j.sample_rate):
+                counts["not_selected"] += 1
+                continue
+            try:
+                result = judge(event)
+            except Exception as e:  # one bad event must not stop the agent
+                log.exception("judge failed on %s", event.listing_id)
+                err = JudgeFailedError(f"judge failed: {type(e).__name__}: {e}")
+                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(_Record(t.aspects, ev), err)))
+                counts["dead_lettered"] += 1
+                continue
+            if result is None:
+                counts["no_reference"] += 1
+                continue
+            outcome, pair = result
+            await send(outcomes, outcome.listing_id.encode(), out_codec.encode(outcome))
+            counts[f"verdict:{outcome.verdict.value}"] += 1
+            if pair is not None:
+                await send(preferences, pair.pair_id.encode(), pair_codec.encode(pair))
+                counts["pairs"] += 1
+
+    return app
