@@ -598,10 +598,39 @@ def worker_judge(
     try:
         faust.Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
     finally:
-        t = Table("what", "events", title="judge agent")
-        for k, v in sorted(counts.items()):
-            t.add_row(k, str(v))
-        console.print(t)
+        _print_counts("judge agent", counts)
+
+
+def _print_counts(title: str, counts: Any) -> None:
+    t = Table("what", "events", title=title)
+    for k, v in sorted(counts.items()):
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+@worker_app.command("preferences")
+def worker_preferences(
+    out: Annotated[Path, typer.Option(help="Folder of DPO shards (pairs-<model version>.jsonl), appended to.")] = Path(
+        ".opal/data/preferences"
+    ),
+    log_level: Annotated[str, typer.Option(help="Logging level of the faust worker.")] = "WARNING",
+) -> None:
+    """Build the next DPO set (faust agent): new preference pairs appended to one shard per model version."""
+    from collections import Counter
+
+    import faust
+
+    from workers.preference_builder import build_preference_app
+
+    s = _settings()
+    _require_kafka(s)
+    _require_redis(s)
+    counts: Counter[str] = Counter()
+    app = build_preference_app(s, out, counts)
+    try:
+        faust.Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
+    finally:
+        _print_counts("preference-set builder", counts)
 
 
 @app.command("search")

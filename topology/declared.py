@@ -14,6 +14,7 @@ from schemas.settings import OpalSettings
 DAY_MS = 24 * 3600 * 1000
 INDEXER_GROUP = "opal-search-indexer"
 JUDGE_GROUP = "opal-judge"
+PREFERENCE_GROUP = "opal-preference-builder"
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def build_topology(settings: OpalSettings) -> Topology:
             "Scores generated listings; low verdicts become preference pairs.",
         ),
         ConsumerGroup(
-            "opal-preference-builder",
+            PREFERENCE_GROUP,
             (t.preferences,),
             ("DPO dataset shards (JSONL files)",),
             "preference-set builder (faust-streaming)",

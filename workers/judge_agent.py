@@ -54,7 +54,7 @@ def selected(event: AspectEvent, confidence_below: float, sample_rate: float) ->
     return bucket < sample_rate
 
 
-class _Record:
+class FaustRecord:
     """A faust event seen through the parts :func:`workers.intake.dead_letter_for` reads."""
 
     def __init__(self, topic: str, ev: Any) -> None:
@@ -114,7 +114,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
             try:
                 event = codec.decode(ev.value)
             except OpalError as e:
-                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(_Record(t.aspects, ev), e)))
+                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(FaustRecord(t.aspects, ev), e)))
                 counts["dead_lettered"] += 1
                 continue
             if not selected(event, j.confidence_below, j.sample_rate):
@@ -125,7 +125,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
             except Exception as e:  # one bad event must not stop the agent
                 log.exception("judge failed on %s", event.listing_id)
                 err = JudgeFailedError(f"judge failed: {type(e).__name__}: {e}")
-                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(_Record(t.aspects, ev), err)))
+                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(FaustRecord(t.aspects, ev), err)))
                 counts["dead_lettered"] += 1
                 continue
             if result is None:

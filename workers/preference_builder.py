@@ -1,0 +1,91 @@
+"""Preference-set builder (faust-streaming): the preference topic -> DPO dataset shards (JSONL files).
+
+Contract
+- Consumes ``topics.preferences`` as faust app / consumer group :data:`PREFERENCE_GROUP`.
+- Each new pair is appended, as one ``PreferencePair`` JSON line (what ``opal train dpo``
+  reads), to ``<out_dir>/pairs-<model version>.jsonl``: one shard per model version
+  that produced the rejected outputs, so each DPO round trains on its own model's
+  mistakes. The line is flushed and fsync'ed, then the pair id is added to a Redis set
+  (``<prefix>pairs:seen``); a pair already in the set is skipped, so replays and the
+  compacted topic's re-deliveries do not grow the set.
+- At-least-once: a crash between the fsync and the Redis write can leave one pair
+  twice in a shard; readers dedupe by pair id (``training.dpo`` does). Nothing is lost:
+  faust commits the offset only after both.
+- Records that are not a PreferencePair become DeadLetters with their reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import faust
+import redis.asyncio as aioredis
+
+from schemas.errors import OpalError
+from schemas.events import DeadLetter, PreferencePair
+from schemas.serde import EventCodec, framing_for
+from schemas.settings import OpalSettings
+from topology.declared import PREFERENCE_GROUP
+from workers.intake import dead_letter_for
+from workers.judge_agent import FaustRecord
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def shard_path(out_dir: Path, pair: PreferencePair) -> Path:
+    return out_dir / f"pairs-{_UNSAFE.sub('_', pair.model.version) or 'unversioned'}.jsonl"
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line durably (flush + fsync) before the caller records it as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[str] | None = None) -> faust.App:
+    """The faust app with one agent (see the module contract)."""
+    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
+    codec, dl_codec = EventCodec(PreferencePair, framing=framing), EventCodec(DeadLetter, framing=framing)
+    counts = counts if counts is not None else Counter()
+    t = settings.topics
+    seen_key = f"{settings.redis.key_prefix}pairs:seen"
+    app = faust.App(
+        PREFERENCE_GROUP,
+        broker=f"kafka://{settings.kafka.bootstrap}",
+        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        store="memory://",
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        processing_guarantee="at_least_once",
+    )
+    source = app.topic(t.preferences, key_serializer="raw", value_serializer="raw")
+    dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw")
+    state = aioredis.Redis.from_url(settings.redis.url_value(), socket_timeout=5, socket_connect_timeout=5)
+
+    @app.agent(source)
+    async def build_shards(stream: faust.StreamT) -> None:
+        async for ev in stream.events():
+            try:
+                pair = codec.decode(ev.value)
+            except OpalError as e:
+                fut = await dead_letters.send(key=ev.key, value=dl_codec.encode(dead_letter_for(FaustRecord(t.preferences, ev), e)))
+                await fut
+                counts["dead_lettered"] += 1
+                continue
+            if await state.sismember(seen_key, pair.pair_id):
+                counts["duplicates"] += 1
+                continue
+            append_line(shard_path(out_dir, pair), pair.model_dump_json())
+            await state.sadd(seen_key, pair.pair_id)
+            counts["written"] += 1
+
+    return app
