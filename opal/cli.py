@@ -36,7 +36,7 @@ model_app = typer.Typer(help="Build OPAL model folders (runs in the model enviro
 worker_app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
 eval_app = typer.Typer(help="Score generated listings with the paper's metrics.", no_args_is_help=True)
 data_app = typer.Typer(help="Training data: MACE refinement and LACU conversations.", no_args_is_help=True)
-train_app = typer.Typer(help="Train OPAL models: SFT (runs in the model environment).", no_args_is_help=True)
+train_app = typer.Typer(help="Train OPAL models: SFT and DPO (runs in the model environment).", no_args_is_help=True)
 app.add_typer(dev_app, name="dev")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
@@ -447,12 +447,24 @@ def data_pairs(
     from training.sft import SftRunConfig, training_items
 
     reg = default_categories()
-    items = training_items(SftRunConfig(base_model=Path("."), data=data, output_dir=Path("."), mace=mace, limit=limit), reg)
     try:
-        summary = asyncio.run(_with_client(endpoint, concurrency, lambda c: build_pairs(items, c, reg)))
-    except OpalError as e:
+        items = training_items(SftRunConfig(base_model=Path("."), data=data, output_dir=Path("."), mace=mace, limit=limit), reg)
+    except (ValueError, OSError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
+
+    async def work(c: Any) -> Any:
+        await c.served_model()  # fail fast, before any item, when the endpoint is down
+        return await build_pairs(items, c, reg)
+
+    try:
+        summary = asyncio.run(_with_client(endpoint, concurrency, work))
+    except (OpalError, ValueError, OSError) as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    if summary.failed == summary.items:
+        console.print(f"[red]all {summary.items} requests failed; {out} left as it was[/]")
+        raise typer.Exit(1)
     write_pairs(summary.pairs, out)
     t = Table("verdict", "items", title=f"judged {summary.items - summary.failed} of {summary.items} train items")
     for verdict, n in sorted(summary.verdicts.items()):
@@ -646,18 +658,24 @@ def search(
 
     s = _settings()
     _require_redis(s)
+    import redis
+
     try:
         filters = parse_aspect_filters(aspect or [])
         index = SearchIndex.from_url(s.redis.url_value(), s.redis.key_prefix)
         total, hits = index.search(filters, category, text, limit)
+        indexed = index.count()
     except ValueError as e:
         console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    except redis.RedisError as e:
+        console.print(f"[red]Redis unavailable: {e}[/]")
         raise typer.Exit(2) from None
     if as_json:
         for h in hits:
             print(json.dumps({"listing_id": h.listing_id, "title": h.title, "category": h.category, "aspects": h.aspects}))
         return
-    table = Table("listing", "category", "title", "aspects", title=f"{total} match(es) in {index.count()} indexed listings")
+    table = Table("listing", "category", "title", "aspects", title=f"{total} match(es) in {indexed} indexed listings")
     for h in hits:
         table.add_row(h.listing_id, h.category, h.title, ", ".join(f"{k}: {v}" for k, v in h.aspects.items()))
     console.print(table)
@@ -707,7 +725,7 @@ def train_sft(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine, 10% warm-up).")] = 2e-5,
     deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed config, e.g. training/configs/zero3.json.")] = None,
     freeze_vision: Annotated[bool, typer.Option(help="Freeze the vision encoder (the paper does).")] = True,
-    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU).")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU: use with --no-cpu).")] = False,
     cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is visible.")] = True,
 ) -> None:
     """Visual instruction tuning with TRL on MACE-refined listings; writes the model, train_log.json and loss.png."""
@@ -760,7 +778,7 @@ def train_dpo(
     batch_size: Annotated[int, typer.Option(min=1, help="Pairs per step.")] = 2,
     lr: Annotated[float, typer.Option(help="Peak learning rate (1e-5: higher collapsed the tiny model).")] = 1e-5,
     cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is visible.")] = True,
-    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU).")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU: use with --no-cpu).")] = False,
 ) -> None:
     """Sigmoid DPO with TRL against a frozen reference copy; writes the model, train_log.json and dpo.png (loss, margins)."""
     _in_model_env(sys.argv[1:])

@@ -9,9 +9,10 @@ and pre-process requests, the engine then sees requests arrive staggered and run
 small batches: on the 2-core development machine the client path ran at 8-45 req/s,
 round to round, instead of a steady 36-45 (see docs/BENCHMARKS.md).
 
-:func:`colocate_engine_core` pins the engine core onto the worker's cores, leaving
-the rest to the frontend. Linux only; a no-op (returning why) elsewhere or when the
-worker is not bound. Idempotent; safe to call again after a restart.
+:func:`colocate_engine_core` pins every thread of the engine core onto the union of
+the cores the worker's threads are bound to, leaving the rest to the frontend. Linux
+only; a no-op (returning why) elsewhere, when the worker is not bound, or when the
+kernel refuses (never raises). Idempotent; safe to call again after a restart.
 """
 
 from __future__ import annotations
@@ -69,12 +70,24 @@ def colocate_engine_core(root_pid: int) -> Placement:
     workers = [p for p, c in procs if c.startswith(WORKER_PREFIX)]
     if not engines or not workers:
         return Placement((), frozenset(), f"found {len(engines)} engine core(s) and {len(workers)} worker(s) under pid {root_pid}")
-    cores: set[int] = set()
-    for w in workers:
-        cores |= os.sched_getaffinity(w)
-    allowed = os.sched_getaffinity(root_pid)
-    if cores >= allowed:
-        return Placement((), frozenset(cores), "the workers are not bound to a subset of the cores (VLLM_CPU_OMP_THREADS_BIND)")
-    for e in engines:
-        os.sched_setaffinity(e, cores)
+    try:
+        # affinity is per thread: libgomp pins each OpenMP thread of a worker to one of its cores
+        cores: set[int] = set()
+        for w in workers:
+            for tid in threads(w):
+                cores |= os.sched_getaffinity(tid)
+        allowed = os.sched_getaffinity(root_pid)
+        if cores >= allowed:
+            return Placement((), frozenset(cores), "the workers are not bound to a subset of the cores (VLLM_CPU_OMP_THREADS_BIND)")
+        for e in engines:
+            for tid in threads(e):  # the engine's socket threads too, not only its main thread
+                os.sched_setaffinity(tid, cores)
+    except OSError as e:  # a process exited meanwhile, or a cpuset forbids it: placement is an optimisation
+        return Placement((), frozenset(), f"{type(e).__name__}: {e}")
     return Placement(tuple(engines), frozenset(cores))
+
+
+def threads(pid: int) -> list[int]:
+    """Thread ids of ``pid`` (just ``pid`` if /proc lists none)."""
+    tids = [int(t.name) for t in Path(f"/proc/{pid}/task").glob("*") if t.name.isdigit()]
+    return tids or [pid]

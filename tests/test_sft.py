@@ -91,3 +91,23 @@ def test_deepspeed_zero3_trains_and_saves_whole_weights(tiny_model: Path, tmp_pa
     assert any("loss" in h for h in log)
     diff = compare(tiny_model, tmp_path)  # ZeRO-3 shards parameters; the saved folder must hold them whole
     assert diff["vision_keys"] > 0 and diff["vision_changed"] == 0 and diff["text_changed"] > 0, diff
+
+
+def test_training_items_use_mace_lines_and_skip_a_torn_one(tmp_path: Path) -> None:
+    from opal.samples import SAMPLE_DIR
+    from schemas.category import default_categories
+    from training.sft import SftRunConfig, training_items
+
+    cats = default_categories()
+    cfg = SftRunConfig(base_model=tmp_path, data=SAMPLE_DIR, output_dir=tmp_path)
+    rules = training_items(cfg, cats)
+    first = rules[0][0]
+    mace = tmp_path / "mace.jsonl"
+    good = {"item_id": first.item_id, "refined": {"title": "refined by the MLLM", "aspects": {"Color": "white"}}}
+    mace.write_text(json.dumps(good) + "\n" + '{"item_id": "torn", "refi')
+    items = training_items(SftRunConfig(base_model=tmp_path, data=SAMPLE_DIR, output_dir=tmp_path, mace=mace), cats)
+    assert (items[0][0].item_id, items[0][1], items[0][2]) == (first.item_id, "refined by the MLLM", {"Color": "white"})
+    assert len(items) == len(rules)  # the other items fall back to the rules pass
+    mace.write_text(json.dumps({**good, "item_id": "not-in-this-folder"}) + "\n")
+    with pytest.raises(ValueError, match="refines none of the train items"):
+        training_items(SftRunConfig(base_model=tmp_path, data=SAMPLE_DIR, output_dir=tmp_path, mace=mace), cats)

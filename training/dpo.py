@@ -9,8 +9,9 @@ Contract
 - :func:`run_dpo` writes the same kind of folder as SFT (:func:`training.sft.save_model_folder`:
   vLLM serves it as is; version ``dpo-<weights hash>``), plus ``train_log.json`` with TRL's
   reward margins and accuracies per logging step.
-- Pairs whose image cannot be read or whose category has no schema are counted and left
-  out (``skipped``), never silently: the result says how many.
+- Pairs whose image cannot be read (only local ``file:`` URIs and paths are read; a
+  remote image must be fetched first) or whose category has no schema are counted and
+  left out (``skipped``), never silently: the result says how many.
 - Duplicate ``pair_id`` lines (a replayed topic, a resumed run) are used once.
 - The vision tower is frozen as in SFT. The learning rate defaults to 1e-5: 5e-5 and
   above collapsed the tiny model here (both log-probabilities fall, JSON breaks).
@@ -80,7 +81,7 @@ def dpo_rows(pairs_file: Path, categories: CategoryRegistry) -> tuple[list[dict[
             continue
         try:
             image = Image.open(_image_path(p.image.uri)).convert("RGB")
-        except OSError:
+        except (OSError, Image.DecompressionBombError):
             skipped += 1
             continue
         rows.append(

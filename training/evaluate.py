@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from inference.client import InferenceUnavailableError, ListingClient
+from inference.client import InferenceRejectedError, InferenceUnavailableError, ListingClient
 from inference.images import ImageRejectedError
 from inference.output import InvalidOutputError
 from schemas.category import CategoryRegistry, default_categories
@@ -37,6 +37,7 @@ from training.abo import ListingRecord, load_abo, split_of
 from training.metrics import Report, canonical_json, rouge_l_f1, score
 
 SplitName = Literal["train", "validation", "test", "all"]
+MEDOID_SAMPLE = 300  # train titles per category compared pairwise for the baseline title
 METRICS = ("rouge_l_f1", "aspect_f1", "schema_recall", "json_valid", "exact_match")
 
 
@@ -85,7 +86,7 @@ def majority_baseline(train: Sequence[ListingRecord]) -> Callable[[ListingRecord
         for name, count in names.items():
             if count * 2 >= len(rs):
                 aspects[name] = Counter(r.aspects[name] for r in rs if name in r.aspects).most_common(1)[0][0]
-        titles = [r.title for r in rs]
+        titles = [r.title for r in sorted(rs, key=lambda r: r.item_id)[:MEDOID_SAMPLE]]  # pairwise ROUGE-L: bounded
         best = max(titles, key=lambda t: sum(rouge_l_f1(t, o) for o in titles) / len(titles))
         listing[cat] = canonical_json(best, aspects)
     empty = canonical_json("", {})
@@ -98,7 +99,7 @@ async def _generate(client: ListingClient, record: ListingRecord) -> tuple[str, 
         res = await client.generate([record.image.read_bytes()], record.category)
     except InvalidOutputError as e:
         return e.raw or "", "rejected"
-    except (InferenceUnavailableError, ImageRejectedError, OSError):
+    except (InferenceUnavailableError, InferenceRejectedError, ImageRejectedError, OSError):
         return "", "failed"
     return res.raw, "ok"
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inference.client import InferenceUnavailableError, ListingClient, model_info
+from inference.client import InferenceRejectedError, InferenceUnavailableError, ListingClient, model_info
 from inference.images import ImageRejectedError
 from inference.output import InvalidOutputError
 from schemas.category import CategoryRegistry
@@ -58,7 +58,7 @@ async def build_pairs(
             raw, model = res.raw, res.model
         except InvalidOutputError as e:
             raw, model = e.raw or "", model_info(await client.served_model())
-        except (InferenceUnavailableError, ImageRejectedError, OSError):
+        except (InferenceUnavailableError, InferenceRejectedError, ImageRejectedError, OSError):
             summary.failed += 1
             return
         finally:

@@ -37,6 +37,7 @@ from training.sft_format import sft_row
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "training" / "configs" / "zero3.json"
+STALE = ("train_log.json", "opal_model.json", "loss.png", "dpo.png", "dpo_summary.json")  # removed before a save
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,13 @@ def training_items(config: SftRunConfig, categories: CategoryRegistry) -> list[t
     mllm: dict[str, dict[str, Any]] = {}
     if config.mace is not None:
         for line in config.mace.read_text().splitlines():
-            row = json.loads(line)
-            mllm[str(row["item_id"])] = row["refined"]
+            try:  # `opal data mace` appends: a crash can leave a torn last line, which it skips too
+                row = json.loads(line)
+                mllm[str(row["item_id"])] = {"title": str(row["refined"]["title"]), "aspects": dict(row["refined"]["aspects"])}
+            except (ValueError, KeyError, TypeError):
+                continue
+        if not any(r.item_id in mllm for r in records):
+            raise ValueError(f"{config.mace} refines none of the train items of {config.data} (built from another folder?)")
     out = []
     for r in records:
         if r.item_id in mllm:
@@ -176,7 +182,11 @@ def save_model_folder(
     """
     from transformers import Qwen2VLImageProcessor
 
+    if out.resolve() == base_model.resolve():
+        raise ValueError(f"refusing to overwrite the base model {base_model}: choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json"), *(out / n for n in STALE)]:
+        stale.unlink(missing_ok=True)  # a previous run's shards or plots must not mix with this one
     trainer.save_model(str(out))
     processor.save_pretrained(out)
     Qwen2VLImageProcessor.from_pretrained(base_model).save_pretrained(out)  # preprocessor_config.json for vLLM
@@ -184,7 +194,12 @@ def save_model_folder(
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     base_card_path = base_model / "opal_model.json"
     base = json.loads(base_card_path.read_text()) if base_card_path.exists() else {"name": base_model.name, "version": "?"}
-    digest = hashlib.sha256(b"".join(w.read_bytes() for w in sorted(out.glob("*.safetensors")))).hexdigest()[:12]
+    h = hashlib.sha256()
+    for w in sorted(out.glob("*.safetensors")):
+        with w.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    digest = h.hexdigest()[:12]
     card = {
         "name": str(base["name"]),
         "version": f"{stage}-{digest}",

@@ -7,9 +7,10 @@ Contract
   Kafka; the consumer's auto-commit then persists them. A crash replays at most the
   uncommitted tail and, because :meth:`SearchIndex.apply` ignores positions it has
   already seen, a replay changes nothing.
-- A record that is not an AspectEvent (corrupt bytes, unknown schema, key != listing
-  id, tombstone without key) becomes a DeadLetter with its reason and raw bytes; a
-  tombstone with a key removes the listing from the index.
+- A record that is not an AspectEvent (corrupt bytes, unknown schema, key missing or
+  != listing id, tombstone without key) becomes a DeadLetter with its reason and raw
+  bytes; a tombstone with a key removes the listing from the index. The key rule keeps
+  every record of a listing in one partition, which the index's version check needs.
 - Redis errors and retriable decode errors (schema registry down) are retried with
   exponential backoff ``max_attempts`` times; then :class:`IndexerError` is raised with
   the batch's offsets not stored, and the process exits non-zero for its supervisor to
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import AspectEvent, DeadLetter
@@ -130,7 +131,8 @@ class SearchIndexer:
         t0 = time.monotonic()
         for m in records:
             self._one(m)
-        self.producer.flush(30)
+        if self.producer.flush(30):
+            raise IndexerError("dead letters still unacknowledged after 30 s; offsets not stored, the batch will be replayed")
         if self._delivery_errors:
             errors, self._delivery_errors = self._delivery_errors, []
             raise IndexerError(f"dead letters not acknowledged ({errors[0]}); offsets not stored, the batch will be replayed")
@@ -138,7 +140,10 @@ class SearchIndexer:
         for m in records:
             tp = (m.topic() or "", m.partition() or 0)
             last[tp] = max(last.get(tp, -1), m.offset() or 0)
-        self.consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
+        try:
+            self.consumer.store_offsets(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
+        except KafkaException as e:  # e.g. the assignment was lost: the next owner replays the batch (idempotent)
+            raise IndexerError(f"could not store offsets: {e}") from e
         self.stats.batches += 1
         self.metrics.batch_seconds.observe(time.monotonic() - t0)
         for (t, p), o in last.items():
@@ -164,7 +169,7 @@ class SearchIndexer:
             return
         try:
             event = self._retry(lambda: self.codec.decode(m.value()))
-            if listing_id is not None and event.listing_id != listing_id:
+            if event.listing_id != listing_id:  # versions compare within one partition: the key must pin the listing to it
                 raise InvalidAspectRecordError(f"record key {listing_id!r} != event listing_id {event.listing_id!r}")
         except OpalError as e:
             self._dead_letter(m, e)

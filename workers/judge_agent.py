@@ -25,7 +25,6 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import faust
 
@@ -34,6 +33,7 @@ from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import JUDGE_GROUP
+from workers.faust_app import FaustRecord, make_faust_app, raw_topic, send_acked
 from workers.intake import dead_letter_for
 
 log = logging.getLogger(__name__)
@@ -54,32 +54,6 @@ def selected(event: AspectEvent, confidence_below: float, sample_rate: float) ->
     return bucket < sample_rate
 
 
-class FaustRecord:
-    """A faust event seen through the parts :func:`workers.intake.dead_letter_for` reads."""
-
-    def __init__(self, topic: str, ev: Any) -> None:
-        self._topic, self._ev = topic, ev
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return int(self._ev.message.partition)
-
-    def offset(self) -> int:
-        return int(self._ev.message.offset)
-
-    def key(self) -> bytes | None:
-        return self._ev.key  # type: ignore[no-any-return]
-
-    def value(self) -> bytes | None:
-        return self._ev.value  # type: ignore[no-any-return]
-
-    def headers(self) -> list[tuple[str, bytes | None]]:
-        h = self._ev.headers or {}
-        return list(h.items()) if isinstance(h, dict) else list(h)
-
-
 def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str] | None = None) -> faust.App:
     """The faust app with one agent (see the module contract); ``counts`` collects what happened to each event."""
     framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
@@ -87,26 +61,10 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
     pair_codec, dl_codec = EventCodec(PreferencePair, framing=framing), EventCodec(DeadLetter, framing=framing)
     counts = counts if counts is not None else Counter()
     t, j = settings.topics, settings.judge
-    app = faust.App(
-        JUDGE_GROUP,
-        broker=f"kafka://{settings.kafka.bootstrap}",
-        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
-        key_serializer="raw",
-        value_serializer="raw",
-        web_enabled=False,
-        store="memory://",
-        topic_allow_declare=False,  # topics come from `opal topology apply`
-        consumer_auto_offset_reset="earliest",
-        processing_guarantee="at_least_once",
-    )
-    source = app.topic(t.aspects, key_serializer="raw", value_serializer="raw")
-    outcomes = app.topic(t.judge_outcomes, key_serializer="raw", value_serializer="raw")
-    preferences = app.topic(t.preferences, key_serializer="raw", value_serializer="raw")
-    dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw")
-
-    async def send(topic: faust.TopicT, key: bytes | None, value: bytes) -> None:
-        fut = await topic.send(key=key, value=value)
-        await fut  # acknowledged by Kafka before the source offset may be committed
+    app = make_faust_app(settings, JUDGE_GROUP)
+    source, outcomes = raw_topic(app, t.aspects), raw_topic(app, t.judge_outcomes)
+    preferences, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
+    send = send_acked  # acknowledged by Kafka before the source offset may be committed
 
     @app.agent(source)
     async def judge_listings(stream: faust.StreamT) -> None:

@@ -29,8 +29,8 @@ from schemas.events import DeadLetter, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
+from workers.faust_app import FaustRecord, make_faust_app, raw_topic, send_acked
 from workers.intake import dead_letter_for
-from workers.judge_agent import FaustRecord
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -55,20 +55,8 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
     counts = counts if counts is not None else Counter()
     t = settings.topics
     seen_key = f"{settings.redis.key_prefix}pairs:seen"
-    app = faust.App(
-        PREFERENCE_GROUP,
-        broker=f"kafka://{settings.kafka.bootstrap}",
-        broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
-        key_serializer="raw",
-        value_serializer="raw",
-        web_enabled=False,
-        store="memory://",
-        topic_allow_declare=False,
-        consumer_auto_offset_reset="earliest",
-        processing_guarantee="at_least_once",
-    )
-    source = app.topic(t.preferences, key_serializer="raw", value_serializer="raw")
-    dead_letters = app.topic(t.dead_letters, key_serializer="raw", value_serializer="raw")
+    app = make_faust_app(settings, PREFERENCE_GROUP)
+    source, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
     state = aioredis.Redis.from_url(settings.redis.url_value(), socket_timeout=5, socket_connect_timeout=5)
 
     @app.agent(source)
@@ -77,8 +65,7 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
             try:
                 pair = codec.decode(ev.value)
             except OpalError as e:
-                fut = await dead_letters.send(key=ev.key, value=dl_codec.encode(dead_letter_for(FaustRecord(t.preferences, ev), e)))
-                await fut
+                await send_acked(dead_letters, ev.key, dl_codec.encode(dead_letter_for(FaustRecord(t.preferences, ev), e)))
                 counts["dead_lettered"] += 1
                 continue
             if await state.sismember(seen_key, pair.pair_id):
