@@ -56,19 +56,23 @@ def test_judge_agent_writes_outcomes_pairs_and_dead_letters(settings: OpalSettin
             (b"L-sure", CODEC.encode(generated("L-sure", "dantur kite", 0.99, Color="clear"))),  # confident, not sampled
             (b"L-noref", CODEC.encode(generated("L-noref", "dantur kite", 0.2, seller=False, Color="clear"))),
             (b"L-bad", b"not avro"),
+            # same keys, so the same partitions, after the skipped ones: once their outcomes are out, the skips happened
+            (b"L-sure", CODEC.encode(generated("L-sure", SELLER[0], 0.2, **SELLER[1]))),
+            (b"L-noref", CODEC.encode(generated("L-noref", SELLER[0], 0.2, **SELLER[1]))),
         ],
     )
     env = settings_env(s, cli_env) | {"OPAL_JUDGE_SAMPLE_RATE": "0", "OPAL_KAFKA_CLIENT_ID": f"judge-{uuid.uuid4().hex[:6]}"}
     proc = subprocess.Popen([opal_bin(), "worker", "judge"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     try:
-        outcomes = read_topic(s, s.topics.judge_outcomes, EventCodec(JudgeOutcome), 2, timeout_s=90, settle_s=3)
+        outcomes = read_topic(s, s.topics.judge_outcomes, EventCodec(JudgeOutcome), 4, timeout_s=90, settle_s=1)
         pairs = read_topic(s, s.topics.preferences, EventCodec(PreferencePair), 1, timeout_s=30, settle_s=1)
         dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter), 1, timeout_s=30)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     verdicts = {k: o.verdict for k, o in outcomes}
-    assert verdicts == {b"L-wrong": Verdict.INCORRECT, b"L-right": Verdict.CORRECT}, out[-3000:]
+    assert len(outcomes) == 4, out[-3000:]
+    assert verdicts == {b"L-wrong": Verdict.INCORRECT, b"L-right": Verdict.CORRECT, b"L-sure": Verdict.CORRECT, b"L-noref": Verdict.CORRECT}
     assert [(k, p.listing_id, p.rejected) for k, p in pairs] == [
         (pairs[0][1].pair_id.encode(), "L-wrong", '{"title":"dantur kite","aspects":{"Color":"clear"}}')
     ]

@@ -41,7 +41,8 @@ def test_pairs_land_once_in_one_shard_per_model_version(settings: OpalSettings, 
     records = [
         (p.pair_id.encode(), CODEC.encode(p)) for p in (pair("a", "sft-1"), pair("b", "sft-1"), pair("c", "dpo/2"), pair("a", "sft-1"))
     ]
-    publish(s, s.topics.preferences, [*records, (b"junk", b"not avro")])
+    sentinel = (b"a", CODEC.encode(pair("z", "sft-1")))  # key "a": same partition, after the duplicate
+    publish(s, s.topics.preferences, [*records, (b"junk", b"not avro"), sentinel])
     out = tmp_path / "shards"
     proc = subprocess.Popen(
         [opal_bin(), "worker", "preferences", "--out", str(out)],
@@ -54,13 +55,12 @@ def test_pairs_land_once_in_one_shard_per_model_version(settings: OpalSettings, 
     try:
         dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter), 1, timeout_s=90)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(len(read_pairs(f)) for f in out.glob("*.jsonl")) < 3:
+        while time.monotonic() < deadline and sum(len(read_pairs(f)) for f in out.glob("*.jsonl")) < 4:
             time.sleep(0.2)
-        time.sleep(1)  # the duplicate comes after the three distinct pairs: give it time to (not) land
     finally:
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=60)
     shards = {f.name: sorted(p.pair_id for p in read_pairs(f)) for f in out.glob("*.jsonl")}
-    assert shards == {"pairs-sft-1.jsonl": ["a", "b"], "pairs-dpo_2.jsonl": ["c"]}, log[-3000:]
+    assert shards == {"pairs-sft-1.jsonl": ["a", "b", "z"], "pairs-dpo_2.jsonl": ["c"]}, log[-3000:]
     assert [(k, d.error_kind) for k, d in dead] == [(b"junk", "malformed_event")]
     assert proc.returncode == 0 and "duplicates" in log and "written" in log, log[-3000:]
