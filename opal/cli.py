@@ -598,8 +598,6 @@ def worker_judge(
     import functools
     from collections import Counter
 
-    import faust
-
     from training.judge import judge_event
     from workers.judge_agent import build_judge_app
 
@@ -607,17 +605,20 @@ def worker_judge(
     _require_kafka(s)
     counts: Counter[str] = Counter()
     app = build_judge_app(s, functools.partial(judge_event, categories=default_categories()), counts)
+    _run_faust(app, counts, "judge agent", log_level)
+
+
+def _run_faust(app: Any, counts: Any, title: str, log_level: str) -> None:
+    """Run a faust app until SIGTERM/Ctrl-C (faust's worker stops the agents, commits, leaves), then print its counts."""
+    import faust
+
     try:
         faust.Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
     finally:
-        _print_counts("judge agent", counts)
-
-
-def _print_counts(title: str, counts: Any) -> None:
-    t = Table("what", "events", title=title)
-    for k, v in sorted(counts.items()):
-        t.add_row(k, str(v))
-    console.print(t)
+        t = Table("what", "events", title=title)
+        for k, v in sorted(counts.items()):
+            t.add_row(k, str(v))
+        console.print(t)
 
 
 @worker_app.command("preferences")
@@ -630,8 +631,6 @@ def worker_preferences(
     """Build the next DPO set (faust agent): new preference pairs appended to one shard per model version."""
     from collections import Counter
 
-    import faust
-
     from workers.preference_builder import build_preference_app
 
     s = _settings()
@@ -639,10 +638,7 @@ def worker_preferences(
     _require_redis(s)
     counts: Counter[str] = Counter()
     app = build_preference_app(s, out, counts)
-    try:
-        faust.Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
-    finally:
-        _print_counts("preference-set builder", counts)
+    _run_faust(app, counts, "preference-set builder", log_level)
 
 
 @app.command("search")

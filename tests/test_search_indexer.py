@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import uuid
+from typing import Any
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -18,7 +19,7 @@ from schemas.settings import OpalSettings
 from tests.conftest import REPO, opal_bin, publish, read_topic, settings_env
 from topology.admin import apply_topology
 from topology.declared import build_topology
-from workers.index_worker import IndexerError, build_indexer
+from workers.index_worker import IndexerError, IndexerStats, build_indexer
 from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex, parse_aspect_filters, terms_of
 
@@ -52,7 +53,7 @@ def index_of(s: OpalSettings) -> SearchIndex:
     return SearchIndex.from_url(s.redis.url_value(), s.redis.key_prefix)
 
 
-def run_indexer(s: OpalSettings, group: str, **kw: int):  # -> IndexerStats
+def run_indexer(s: OpalSettings, group: str, **kw: Any) -> IndexerStats:
     return build_indexer(s, group_id=group, **kw).run(threading.Event(), idle_exit_s=2.0)
 
 
@@ -83,7 +84,7 @@ def test_updates_deletes_and_bad_records(isettings: OpalSettings) -> None:
     )
 
     metrics = IndexerMetrics()
-    st = build_indexer(s, group_id=f"idx-{uuid.uuid4().hex[:6]}", metrics=metrics).run(threading.Event(), idle_exit_s=2.0)
+    st = run_indexer(s, f"idx-{uuid.uuid4().hex[:6]}", metrics=metrics)
 
     assert (st.indexed, st.deleted, st.dead_lettered) == (4, 1, 2)
     assert metrics.value("opal_index_records_total", outcome="indexed") == 4

@@ -4,16 +4,22 @@
   server, no tables (state lives in Redis: faust table recovery loses updates on tansu),
   topics never auto-declared (``opal topology apply`` owns them), at-least-once.
 - :func:`send_acked`: produce and wait for Kafka's acknowledgement, so an agent finishes an
-  event (and faust may commit its offset) only after its outputs are stored.
+  event (and faust may commit its offset) only after its outputs are stored;
+  :func:`send_dead_letter` does the same for an event the agent gives up on.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import faust
 
+from schemas.errors import OpalError
+from schemas.events import DeadLetter
+from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
+from workers.intake import dead_letter_for
 
 
 def make_faust_app(settings: OpalSettings, group_id: str) -> faust.App:
@@ -38,6 +44,14 @@ def raw_topic(app: faust.App, name: str) -> faust.TopicT:
 async def send_acked(topic: faust.TopicT, key: bytes | None, value: bytes) -> None:
     fut = await topic.send(key=key, value=value)
     await fut
+
+
+async def send_dead_letter(
+    topic: faust.TopicT, codec: EventCodec[DeadLetter], source_topic: str, ev: Any, error: OpalError, counts: Counter[str]
+) -> None:
+    """The DeadLetter for faust event ``ev`` (raw key, value, headers and the reason), acknowledged; counted."""
+    await send_acked(topic, ev.key, codec.encode(dead_letter_for(FaustRecord(source_topic, ev), error)))
+    counts["dead_lettered"] += 1
 
 
 class FaustRecord:

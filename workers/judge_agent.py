@@ -33,8 +33,7 @@ from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import JUDGE_GROUP
-from workers.faust_app import FaustRecord, make_faust_app, raw_topic, send_acked
-from workers.intake import dead_letter_for
+from workers.faust_app import make_faust_app, raw_topic, send_acked, send_dead_letter
 
 log = logging.getLogger(__name__)
 JudgeFn = Callable[[AspectEvent], "tuple[JudgeOutcome, PreferencePair | None] | None"]
@@ -64,7 +63,6 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
     app = make_faust_app(settings, JUDGE_GROUP)
     source, outcomes = raw_topic(app, t.aspects), raw_topic(app, t.judge_outcomes)
     preferences, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
-    send = send_acked  # acknowledged by Kafka before the source offset may be committed
 
     @app.agent(source)
     async def judge_listings(stream: faust.StreamT) -> None:
@@ -72,8 +70,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
             try:
                 event = codec.decode(ev.value)
             except OpalError as e:
-                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(FaustRecord(t.aspects, ev), e)))
-                counts["dead_lettered"] += 1
+                await send_dead_letter(dead_letters, dl_codec, t.aspects, ev, e, counts)
                 continue
             if not selected(event, j.confidence_below, j.sample_rate):
                 counts["not_selected"] += 1
@@ -83,17 +80,16 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
             except Exception as e:  # one bad event must not stop the agent
                 log.exception("judge failed on %s", event.listing_id)
                 err = JudgeFailedError(f"judge failed: {type(e).__name__}: {e}")
-                await send(dead_letters, ev.key, dl_codec.encode(dead_letter_for(FaustRecord(t.aspects, ev), err)))
-                counts["dead_lettered"] += 1
+                await send_dead_letter(dead_letters, dl_codec, t.aspects, ev, err, counts)
                 continue
             if result is None:
                 counts["no_reference"] += 1
                 continue
             outcome, pair = result
-            await send(outcomes, outcome.listing_id.encode(), out_codec.encode(outcome))
+            await send_acked(outcomes, outcome.listing_id.encode(), out_codec.encode(outcome))
             counts[f"verdict:{outcome.verdict.value}"] += 1
             if pair is not None:
-                await send(preferences, pair.pair_id.encode(), pair_codec.encode(pair))
+                await send_acked(preferences, pair.pair_id.encode(), pair_codec.encode(pair))
                 counts["pairs"] += 1
 
     return app

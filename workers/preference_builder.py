@@ -29,8 +29,7 @@ from schemas.events import DeadLetter, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
-from workers.faust_app import FaustRecord, make_faust_app, raw_topic, send_acked
-from workers.intake import dead_letter_for
+from workers.faust_app import make_faust_app, raw_topic, send_dead_letter
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -65,8 +64,7 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
             try:
                 pair = codec.decode(ev.value)
             except OpalError as e:
-                await send_acked(dead_letters, ev.key, dl_codec.encode(dead_letter_for(FaustRecord(t.preferences, ev), e)))
-                counts["dead_lettered"] += 1
+                await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, e, counts)
                 continue
             if await state.sismember(seen_key, pair.pair_id):
                 counts["duplicates"] += 1
