@@ -5,11 +5,13 @@ Contract of :meth:`ListingClient.generate`
   a bad image raises :class:`ImageRejectedError` and nothing is sent.
 - At most ``max_concurrency`` requests are in flight per client; callers beyond that
   wait (bounded, no unbounded queue inside the client).
-- Each attempt has ``timeout_s``. Connection errors, timeouts, HTTP 429 and 5xx are
-  retried up to ``max_retries`` times with exponential backoff and jitter, each
-  time on the endpoint with the fewest outstanding requests (an endpoint that just
-  failed is avoided for ``cooldown_s``). When retries run out it raises
-  :class:`InferenceUnavailableError` (``retriable=True``: the caller may try later).
+- Each attempt has ``timeout_s``. Connection errors, timeouts, HTTP 401/403/404/408/429
+  and 5xx are retried up to ``max_retries`` times with capped exponential backoff and
+  jitter (:class:`schemas.retry.Backoff`; ``backoff_base_s=0`` retries at once: failover
+  only), each time on the endpoint with the fewest outstanding requests (an endpoint that
+  just failed is avoided for ``cooldown_s``). When retries run out it raises
+  :class:`InferenceUnavailableError` (``retriable=True``, ``dependency="model"``: the
+  model, not the request, is the problem). The layers' retry budgets: :mod:`schemas.retry`.
 - Other 4xx raise :class:`InferenceRejectedError` (not retriable: the request is bad).
 - Output that is not a valid listing raises :class:`~inference.output.InvalidOutputError`
   carrying the raw text (not retried: with temperature 0 it would repeat).
@@ -28,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,22 +43,29 @@ from inference.prompt import serving_messages
 from schemas.category import CategoryRegistry, CategorySchema, default_categories
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import ModelInfo, SchemaCheck
+from schemas.retry import Backoff
 
 CONNECTIONS_PER_POOL = 8
 """Requests one httpx pool carries at once; the client opens ``ceil(max_concurrency / 8)`` pools."""
 
 
 class InferenceUnavailableError(OpalError):
-    """No endpoint answered successfully within the retry budget."""
+    """No endpoint answered successfully within the retry budget (the model is down, overloaded
+    or misconfigured: transport errors, timeouts, 401/403/404/408/429, 5xx)."""
 
     reason = ErrorKind.INFERENCE_FAILED
     retriable = True
+    dependency = "model"
 
 
 class InferenceRejectedError(OpalError):
-    """An endpoint refused the request (4xx other than 429)."""
+    """An endpoint refused this request itself (400, 413, 422 and other 4xx not listed above)."""
 
     reason = ErrorKind.INFERENCE_REJECTED
+
+
+OUTAGE_STATUSES = frozenset({401, 403, 404, 408, 429})
+"""4xx answers that say the *deployment* is wrong or busy (auth, model name, rate limit), not the request."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,7 @@ class ListingClient:
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
+        self._backoff = Backoff(backoff_base_s, cap_s=5.0)
         self.cooldown_s = cooldown_s
         self.max_tokens = max_tokens
         self.categories = categories or default_categories()
@@ -287,6 +296,25 @@ class ListingClient:
         """``name@version`` of the model requests go to: the configured one, else the first the server lists (retried)."""
         return await self._served_model_with_retry()
 
+    async def probe(self) -> None:
+        """One GET /models per endpoint, no retries or sleeping; returns when any answers 2xx.
+
+        Raises :class:`InferenceUnavailableError` when none does. Used by circuit breakers.
+        """
+        assert self._pools, "use `async with ListingClient(...)`"
+        errors: list[str] = []
+        for ep in self._endpoints:
+            try:
+                r = await self._pools[0].get(f"{ep.url}/models", headers=self._headers, timeout=min(5.0, self.timeout_s))
+            except (httpx.TransportError, httpx.TimeoutException) as e:
+                errors.append(f"{ep.url}: {type(e).__name__}")
+                continue
+            if r.status_code < 400:
+                ep.down_until = 0.0
+                return
+            errors.append(f"{ep.url}: HTTP {r.status_code}")
+        raise InferenceUnavailableError(f"model probe failed: {'; '.join(errors)}")
+
     async def _served_model_with_retry(self) -> str:
         if self._model is not None:
             return self._model
@@ -313,7 +341,7 @@ class ListingClient:
             else:
                 if r.status_code < 400:
                     return r.json(), ep.url, attempt
-                if r.status_code != 429 and r.status_code < 500:
+                if r.status_code not in OUTAGE_STATUSES and r.status_code < 500:
                     raise InferenceRejectedError(f"{ep.url}{path} answered HTTP {r.status_code}: {r.text[:500]}")
                 last_error = f"{ep.url}: HTTP {r.status_code}: {r.text[:200]}"
             finally:
@@ -324,8 +352,9 @@ class ListingClient:
             avoid = ep.url
             if attempt <= self.max_retries:
                 self.stats.retries += 1
-                delay = self.backoff_base_s * (2 ** (attempt - 1))
-                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = self._backoff.delay(attempt)
+                if delay > 0:
+                    await asyncio.sleep(delay)
         self.stats.failures += 1
         raise InferenceUnavailableError(f"{method} {path} failed after {self.max_retries + 1} attempts; last error: {last_error}")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from schemas.errors import ErrorKind, OpalError
+from schemas.errors import ErrorKind, OpalError, clean_message
 
 ALLOWED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 MAGIC = (
@@ -82,4 +82,4 @@ def prepare_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: in
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejectedError(f"decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageRejectedError(f"corrupt {fmt} image: {type(e).__name__}: {e}") from None
+        raise ImageRejectedError(clean_message(f"corrupt {fmt} image: {type(e).__name__}: {e}", 500)) from None

@@ -106,7 +106,7 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
         stack = EmbeddedStack(s0).start()
     with stack:
         s = stack.settings
-        console.print(f"[bold]1.[/] kafka (tansu) {s.kafka.bootstrap}, redis (valkey) {s.redis.url_value()}")
+        console.print(f"[bold]1.[/] kafka (tansu) {s.kafka.bootstrap}, redis (valkey) {s.redis.url_display()}")
         with console.status("starting vLLM on the tiny model (about 40 s on 2 cores) ..."):
             vllm, url = start_vllm(model_dir, s.vllm, run_dir, timeout_s=400)
         try:

@@ -10,7 +10,19 @@ ordinary exceptions.
 from __future__ import annotations
 
 import difflib
+import re
 from enum import StrEnum
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def clean_message(text: str, limit: int = 4000) -> str:
+    """An error message fit for a record or a log line: Python object reprs
+    (``<_io.BytesIO object at 0x...>``) and control characters removed, cut to ``limit``
+    characters (saying how long it was)."""
+    text = _CONTROL.sub("?", _OBJECT_REPR.sub("<object>", text))
+    return text if len(text) <= limit else f"{text[: limit - 40]}... (cut, {len(text)} chars)"
 
 
 class ErrorKind(StrEnum):
@@ -28,18 +40,28 @@ class ErrorKind(StrEnum):
     INFERENCE_FAILED = "inference_failed"
     INFERENCE_REJECTED = "inference_rejected"
     IMAGE_FETCH = "image_fetch_failed"
+    OUTPUT_TOO_LARGE = "output_too_large"
     INTERNAL = "internal_error"
 
 
 class OpalError(Exception):
-    """Base class. ``retriable`` tells a caller whether trying again may succeed."""
+    """Base class. ``retriable`` tells a caller whether trying again may succeed.
+
+    ``dependency`` names the shared service whose failure this is (``"model"``,
+    ``"image-host:https://cdn.example.com"``, ``"redis"``), or None when the error is a
+    property of the input. A worker treats consecutive dependency failures as an outage
+    (circuit breaker, see :mod:`schemas.retry`), never as bad records.
+    """
 
     reason: ErrorKind = ErrorKind.INVALID_EVENT
     retriable: bool = False
+    dependency: str | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, dependency: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if dependency is not None:
+            self.dependency = dependency
 
 
 class DecodeError(OpalError):
@@ -83,6 +105,12 @@ class InvalidListingError(OpalError):
     def __init__(self, message: str, raw: str | None = None) -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class OutputTooLargeError(OpalError):
+    """The output for a record (e.g. an AspectEvent carrying a huge seller listing) does not fit the topic."""
+
+    reason = ErrorKind.OUTPUT_TOO_LARGE
 
 
 class SchemaRegistryError(OpalError):

@@ -52,8 +52,14 @@ class Verdict(StrEnum):
     INCORRECT = "INCORRECT"
 
 
+MAX_ID_CHARS = 512
+"""Longest listing, event id or category accepted: ids become Kafka keys and Redis keys."""
+MAX_URI_CHARS = 8192
+"""Longest image URI accepted (a common HTTP server limit for a request line)."""
+
+
 class ImageRef(_Part):
-    uri: str = Field(min_length=1)
+    uri: str = Field(min_length=1, max_length=MAX_URI_CHARS)
     sha256: str | None = None
 
 
@@ -66,9 +72,9 @@ class ListingImageEvent(_Event):
     AVRO_NAME: ClassVar[str] = "ai.opal.events.ListingImageEvent"
     AVRO_DIR: ClassVar[str] = "listing_image_event"
 
-    event_id: str = Field(default_factory=new_event_id, min_length=1)
-    listing_id: str = Field(min_length=1)
-    category: str = Field(min_length=1)
+    event_id: str = Field(default_factory=new_event_id, min_length=1, max_length=MAX_ID_CHARS)
+    listing_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    category: str = Field(min_length=1, max_length=MAX_ID_CHARS)
     images: list[ImageRef] = Field(min_length=1)
     seller_title: str | None = None
     seller_aspects: dict[str, str] = Field(default_factory=dict)
@@ -131,6 +137,9 @@ class DeadLetter(_Event):
     origin_offset: int
     key: bytes | None = None
     value: bytes | None = None
+    value_size: int | None = None
+    value_sha256: str | None = None
+    truncated: bool = False
     headers: list[Header] = Field(default_factory=list)
     listing_id: str | None = None
     error_kind: str

@@ -155,13 +155,17 @@ class SchemaRegistryClient:
 
     Results are cached forever (registry ids are immutable). Network failures and
     5xx raise :class:`SchemaRegistryError` (retriable); a 404 for an id raises
-    :class:`UnknownSchemaError`.
+    :class:`UnknownSchemaError`. A ``user:password@`` in ``url`` is taken off it (so no
+    message or attribute shows it) and used as ``auth`` unless ``auth`` is given.
     """
 
     def __init__(self, url: str, auth: SecretStr | None = None, timeout_s: float = 10.0) -> None:
-        self.url = url.rstrip("/")
+        from schemas.settings import split_userinfo
+
+        bare, userinfo = split_userinfo(url)
+        self.url = bare.rstrip("/")
         self.timeout_s = timeout_s
-        self._auth = auth
+        self._auth = auth if auth is not None or userinfo is None else SecretStr(userinfo)
         self._ids: dict[str, int] = {}
         self._schemas: dict[int, dict[str, Any]] = {}
 
@@ -261,7 +265,9 @@ class EventCodec(Generic[E]):
         try:
             return self.model.model_validate(record)
         except ValidationError as e:
-            raise InvalidEventError(f"{self.model.__name__} breaks its contract: {e.errors(include_url=False)}") from None
+            raise InvalidEventError(
+                f"{self.model.__name__} breaks its contract: {e.errors(include_url=False, include_input=False)}"
+            ) from None
 
 
 _DEFAULT_STORE: SchemaStore | None = None

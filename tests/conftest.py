@@ -4,7 +4,9 @@ OPAL_REDIS_URL when those are set)."""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -13,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from opal.embedded import EmbeddedStack, ManagedProcess
+from opal.samples import SampleListing, load_samples, sample_event
+from schemas.events import Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import EmbeddedSettings, OpalSettings, TopicSettings
 
@@ -123,3 +128,52 @@ def settings_env(s: OpalSettings, base: dict[str, str]) -> dict[str, str]:
     for name, value in s.topics.model_dump().items():
         env[f"OPAL_TOPICS_{name.upper()}"] = str(value)
     return env
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """Allowed image root: copies of the sample photos plus bad files."""
+    root = tmp_path / "images"
+    shutil.copytree(REPO / "data" / "sample" / "images", root)
+    (root / "truncated.jpg").write_bytes((root / "00020b5a.jpg").read_bytes()[:2500])
+    big = Image.effect_noise((900, 900), 100).convert("RGB")
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    (root / "huge.png").write_bytes(buf.getvalue())
+    return root
+
+
+@pytest.fixture
+def wsettings(settings: OpalSettings, vllm_url: str, images: Path) -> OpalSettings:
+    """Settings for an enrichment worker on the session's vLLM server, with its own group, topics and cache prefix."""
+    from confluent_kafka.admin import AdminClient
+
+    s = settings.model_copy(
+        update={
+            "vllm": settings.vllm.model_copy(update={"endpoints": [vllm_url], "max_retries": 1}),
+            "worker": settings.worker.model_copy(
+                update={
+                    "group_id": f"enrich-{uuid.uuid4().hex[:6]}",
+                    "allowed_file_root": images,
+                    "image_max_bytes": 500_000,
+                    "retry_backoff_s": 0.05,
+                    "max_in_flight": 16,
+                }
+            ),
+            "redis": settings.redis.model_copy(update={"key_prefix": f"t{uuid.uuid4().hex[:6]}:"}),
+        }
+    )
+    from topology.admin import apply_topology
+    from topology.declared import build_topology
+
+    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    return s
+
+
+def worker_events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l") -> list[ListingImageEvent]:
+    """ListingImageEvents for the first ``n`` sample photos, pointing into the ``images`` root."""
+    out = []
+    for i, s in enumerate(load_samples()[:n]):
+        local = SampleListing(s.item_id, images / s.image.name, s.title, s.product_type, s.color)
+        out.append(sample_event(local, lane).model_copy(update={"listing_id": f"{prefix}-{i}-{s.item_id}"}))
+    return out

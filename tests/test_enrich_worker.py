@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import os
-import shutil
 import signal
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
 
-from opal.samples import SampleListing, load_samples, sample_event
 from schemas.events import AspectEvent, DeadLetter, ImageRef, Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings, TopicSettings
 from tests.conftest import REPO, opal_bin, publish, read_topic
+from tests.conftest import worker_events as _events
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.enrich import EnrichWorker, run_worker
@@ -27,50 +23,6 @@ from workers.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.vllm
 CODEC = EventCodec(ListingImageEvent)
-
-
-@pytest.fixture
-def images(tmp_path: Path) -> Path:
-    """Allowed image root: copies of the sample photos plus bad files."""
-    root = tmp_path / "images"
-    shutil.copytree(REPO / "data" / "sample" / "images", root)
-    (root / "truncated.jpg").write_bytes((root / "00020b5a.jpg").read_bytes()[:2500])
-    big = Image.effect_noise((900, 900), 100).convert("RGB")
-    buf = io.BytesIO()
-    big.save(buf, format="PNG")
-    (root / "huge.png").write_bytes(buf.getvalue())
-    return root
-
-
-@pytest.fixture
-def wsettings(settings: OpalSettings, vllm_url: str, images: Path) -> OpalSettings:
-    from confluent_kafka.admin import AdminClient
-
-    s = settings.model_copy(
-        update={
-            "vllm": settings.vllm.model_copy(update={"endpoints": [vllm_url], "max_retries": 1}),
-            "worker": settings.worker.model_copy(
-                update={
-                    "group_id": f"enrich-{uuid.uuid4().hex[:6]}",
-                    "allowed_file_root": images,
-                    "image_max_bytes": 500_000,
-                    "retry_backoff_s": 0.05,
-                    "max_in_flight": 16,
-                }
-            ),
-            "redis": settings.redis.model_copy(update={"key_prefix": f"t{uuid.uuid4().hex[:6]}:"}),
-        }
-    )
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
-    return s
-
-
-def _events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l") -> list[ListingImageEvent]:
-    out = []
-    for i, s in enumerate(load_samples()[:n]):
-        local = SampleListing(s.item_id, images / s.image.name, s.title, s.product_type, s.color)
-        out.append(sample_event(local, lane).model_copy(update={"listing_id": f"{prefix}-{i}-{s.item_id}"}))
-    return out
 
 
 def _publish(s: OpalSettings, records: list[tuple[bytes, bytes | None]], topic: str | None = None) -> None:

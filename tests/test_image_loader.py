@@ -116,6 +116,36 @@ def test_unreachable_host_is_retriable() -> None:
     with pytest.raises(ImageFetchError) as ei:
         _load(_loader(hosts=["127.0.0.1"]), "http://127.0.0.1:9/a.jpg")
     assert ei.value.retriable
+    assert ei.value.dependency == "image-host:http://127.0.0.1:9"  # an outage of the host class, not of the record
+
+
+@pytest.mark.parametrize(
+    ("path", "expect"),
+    [
+        ("/" + "x" * 1_000_000, "ENAMETOOLONG"),  # the 1 MB file URI of the oversize-record incident
+        ("/a.jpg/inside-a-file", "ENOTDIR"),
+        ("/with\x00nul.jpg", "invalid image path"),
+    ],
+)
+def test_every_os_error_becomes_a_typed_rejection(tmp_path: Path, path: str, expect: str) -> None:
+    (tmp_path / "a.jpg").write_bytes(PHOTO)
+    uri = "file://" + urllib.request.pathname2url(str(tmp_path)) + path.replace("\x00", "%00")
+    with pytest.raises(ImageRejectedError) as ei:
+        _load(_loader(tmp_path), uri)
+    assert expect in str(ei.value) and len(str(ei.value)) < 1000 and not ei.value.retriable
+
+
+def test_probe_says_whether_a_host_answers(http_base: str) -> None:
+    async def go(dep: str) -> None:
+        loader = _loader(hosts=["localhost", "127.0.0.1"])
+        try:
+            await loader.probe(dep)
+        finally:
+            await loader.aclose()
+
+    asyncio.run(go("image-host:" + http_base))  # any answer but 429/502/503/504 (here 501 for HEAD) means up
+    with pytest.raises(ImageFetchError):
+        asyncio.run(go("image-host:http://127.0.0.1:9"))
 
 
 def test_metrics_endpoint_serves_worker_metrics() -> None:

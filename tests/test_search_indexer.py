@@ -121,8 +121,14 @@ def test_redis_down_stores_no_offsets_and_a_restart_catches_up(isettings: OpalSe
     group = f"idx-{uuid.uuid4().hex[:6]}"
     down = s.model_copy(update={"redis": s.redis.model_copy(update={"url": SecretStr(f"redis://127.0.0.1:{free_port()}/0")})})
 
-    with pytest.raises(IndexerError, match="giving up after 2 attempts"):
-        run_indexer(down, group, max_attempts=2)
+    metrics = IndexerMetrics()
+    stop = threading.Event()
+    stopper = threading.Timer(6.0, stop.set)
+    stopper.start()
+    with pytest.raises(IndexerError, match="stopped while waiting for Redis"):
+        # an outage is waited out (partitions paused, Redis probed), never given up on or dead-lettered
+        build_indexer(down, group_id=group, max_attempts=2, metrics=metrics).run(stop)
+    assert metrics.value("opal_index_redis_breaker_open") == 1 and metrics.value("opal_index_retry_waits_total") >= 3
     st = run_indexer(s, group)  # same group: nothing was committed, so everything is read again
 
     assert st.indexed == 5 and index_of(s).search({"Color": "white"})[0] == 5

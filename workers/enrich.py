@@ -11,11 +11,24 @@ Delivery contract (at-least-once, nothing dropped)
   second AspectEvent for the same listing; the aspects topic is compacted by listing
   id, so a reader that keeps the latest record per key still sees exactly one current
   record per listing.
-- Retriable failures (image fetch timeouts/5xx, model unavailable, schema registry
-  down) are retried in place with exponential backoff up to ``worker.max_attempts``,
-  then dead-lettered with the attempt count. Everything else is dead-lettered at once.
-- A failed *produce* (broker refused the output after librdkafka's own retries) is
-  fatal: the worker stops without storing that offset, so the record is replayed.
+- Retries follow the one policy in :mod:`schemas.retry`. Failures that may be specific
+  to the record (an image URL answering 5xx, the schema registry refusing) are retried in
+  place with capped, jittered backoff up to ``worker.max_attempts``, then dead-lettered
+  with the attempt count. Everything else about the input is dead-lettered at once.
+- Dependency outages are not dead letters. When the model (or an image host) fails for
+  ``worker.breaker_failures`` consecutive records, or a record would use up its attempts
+  while nothing answered since its first failure, that dependency's circuit breaker opens
+  (:mod:`workers.circuit`): records already held wait without spending attempts, the model's
+  breaker pauses every assigned partition, and the dependency is probed with backoff until
+  it answers; then partitions resume and the waiting records go on.
+- Concurrent cache misses on the same (model version, category, images) key share one
+  model request (single flight).
+- The output path cannot wedge a partition: a dead letter always fits (raw value cut to
+  ``worker.dead_letter_max_value_bytes`` with its size and SHA-256 kept); an AspectEvent
+  the broker or librdkafka refuses as too large becomes an ``output_too_large`` dead
+  letter; any other failure to hand an output to the producer, or a dead letter the
+  broker refuses, is fatal: the worker stops without storing that offset (the record is
+  replayed by the next owner).
 
 Flow control
 - At most ``worker.max_in_flight`` records are held; when full, every assigned
@@ -33,16 +46,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from inference.client import InferenceResult, ListingClient, model_info
+from inference.client import InferenceResult, InferenceUnavailableError, ListingClient, model_info
 from schemas.category import CategoryRegistry
-from schemas.errors import ErrorKind, OpalError
+from schemas.errors import ErrorKind, OpalError, OutputTooLargeError, clean_message
 from schemas.events import (
     AspectEvent,
     AspectValue,
@@ -53,9 +67,11 @@ from schemas.events import (
     SchemaCheck,
     Timings,
 )
+from schemas.retry import Backoff
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
-from workers.image_loader import ImageLoader
+from workers.circuit import CircuitBreaker
+from workers.image_loader import ImageLoader, host_dependency
 from workers.intake import dead_letter_for, decode_listing_event
 from workers.metrics import WorkerMetrics
 from workers.result_cache import CachedListing, ResultCache, images_digest
@@ -65,6 +81,11 @@ log = logging.getLogger(__name__)
 
 class FatalWorkerError(RuntimeError):
     """The worker cannot continue without risking loss (e.g. an output was not stored)."""
+
+
+MODEL = "model"
+"""Dependency name of the model endpoints (see :attr:`schemas.errors.OpalError.dependency`)."""
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE})
 
 
 @dataclass
@@ -115,6 +136,17 @@ class _Job:
     lane: Lane
     consumed_at: float
     task: asyncio.Task[None] | None = None
+    attempts: int = 0  # tries that counted against the record (outages do not)
+    listing_id: str | None = None
+
+
+@dataclass
+class _Dependency:
+    """A breaker plus the event records wait on while it is open."""
+
+    breaker: CircuitBreaker
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    probing: bool = False
 
 
 class EnrichWorker:
@@ -162,6 +194,13 @@ class EnrichWorker:
         self.outputs = 0
         self._last_rt = 0.0  # when the realtime lane last delivered records
         self._joined: set[Lane] = set()  # lanes whose consumer completed a group join
+        self._retry = Backoff(self.w.retry_backoff_s, self.w.retry_backoff_max_s)
+        self._deps: dict[str, _Dependency] = {}
+        self._flights: dict[tuple[str, str, str], asyncio.Future[InferenceResult]] = {}
+        self._stopping = asyncio.Event()
+        self._probe_tasks: set[asyncio.Task[None]] = set()
+        if cache is not None:
+            cache.on_error = lambda op: self.metrics.cache_errors.labels(op).inc()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _consumer_of(self, topic: str) -> Consumer:
@@ -202,7 +241,10 @@ class EnrichWorker:
 
     async def run(self, stop: asyncio.Event, idle_exit_s: float | None = None, grace_s: float = 30.0) -> None:
         """Process until ``stop`` is set (or nothing arrived for ``idle_exit_s``), then shut down cleanly."""
-        self.model = model_info(await self.client.served_model())
+        served = await self._served_model(stop)
+        if served is None:
+            return  # stopped before the model ever answered: nothing consumed
+        self.model = model_info(served)
         self.model_version = f"{self.model.name}@{self.model.version}"
         self.subscribe()
         last_activity = time.monotonic()
@@ -212,6 +254,7 @@ class EnrichWorker:
                     raise FatalWorkerError(str(self._fatal)) from self._fatal
                 self.producer.poll(0)
                 self._update_lag()
+                self._probe_dependencies()
                 self._flow_control()
                 window = self._window()
                 got: list[Message] = []
@@ -246,7 +289,24 @@ class EnrichWorker:
         finally:
             await self._shutdown(grace_s)
 
+    async def _served_model(self, stop: asyncio.Event) -> str | None:
+        """The served model's name, waiting (probing with the breaker backoff) while the model is down."""
+        backoff = Backoff(self.w.breaker_probe_s, self.w.breaker_probe_max_s)
+        tries = 0
+        while True:
+            try:
+                return await self.client.served_model()
+            except InferenceUnavailableError as e:
+                tries += 1
+                log.warning("model not answering at start (%s); retrying (%d)", e, tries)
+            try:
+                await asyncio.wait_for(stop.wait(), backoff.delay(tries))
+                return None
+            except TimeoutError:
+                continue
+
     async def _shutdown(self, grace_s: float) -> None:
+        self._stopping.set()  # records waiting for a dependency give up their turn (not stored: replayed)
         # tansu 0.6 bug: a member that leaves while its JoinGroup is pending leaves the group stuck for every later
         # member (Apache Kafka handles it). So finish joining before leaving; records fetched meanwhile are not
         # stored and will be consumed again by the next owner.
@@ -255,11 +315,13 @@ class EnrichWorker:
             while lane not in self._joined and time.monotonic() < deadline:
                 consumer.poll(0.1)
                 await self._sleep(0)
-        tasks = [j.task for j in self.jobs.values() if j.task is not None]
+        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
         self.producer.flush(grace_s)
         self.producer.poll(0)
+        for task in self._probes():
+            task.cancel()
         for consumer in self.consumers.values():
             self._commit(consumer)
             consumer.close()  # leaves the group
@@ -303,6 +365,12 @@ class EnrichWorker:
                     continue
                 self._lag[(tp.topic, tp.partition)] = lag
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+                part = self.tracker.partitions.get((tp.topic, tp.partition))
+                resume_at = part.next_to_commit if part is not None and part.next_to_commit is not None else tp.offset
+                if resume_at is not None and resume_at >= 0:
+                    self.metrics.commit_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - resume_at))
+        oldest = min((j.consumed_at for j in self.jobs.values()), default=None)
+        self.metrics.oldest_in_flight.set(0.0 if oldest is None else now - oldest)
 
     def _realtime_backlog(self) -> bool:
         """True unless every assigned realtime partition is known to be drained (unknown lag counts as backlog)."""
@@ -317,12 +385,13 @@ class EnrichWorker:
         return max(1, int(window * self.w.backfill_share)) if self._realtime_backlog() else window
 
     def _flow_control(self) -> None:
-        """Pause what must not be fetched: everything when the window is full (resume at half),
-        backfill when it holds its share while realtime has backlog."""
+        """Pause what must not be fetched: everything when the window is full (resume at half) or
+        the model's breaker is open, backfill when it holds its share while realtime has backlog."""
         window = self._window()
         all_paused = bool(self.assigned) and self.paused >= self.assigned
         full = len(self.jobs) >= window or (all_paused and len(self.jobs) > window // 2)
-        if full:
+        model_down = MODEL in self._deps and self._deps[MODEL].breaker.is_open
+        if full or model_down:
             want = set(self.assigned)
         elif self._lane_in_flight(Lane.BACKFILL) >= self._backfill_cap(window):
             want = {tp for tp in self.assigned if self.lanes.get(tp[0]) is Lane.BACKFILL}
@@ -338,6 +407,76 @@ class EnrichWorker:
         self.paused = want & self.assigned
         self.metrics.paused.set(len(self.paused))
 
+    # -- dependencies (circuit breakers) ----------------------------------------------------
+    def _dependency(self, name: str) -> _Dependency:
+        dep = self._deps.get(name)
+        if dep is None:
+            probe = Backoff(self.w.breaker_probe_s, self.w.breaker_probe_max_s)
+            dep = self._deps[name] = _Dependency(CircuitBreaker(name, self.w.breaker_failures, probe))
+            dep.closed.set()
+        return dep
+
+    def _answered(self, name: str) -> None:
+        """A request through ``name`` succeeded (no breaker is created for a dependency that never failed)."""
+        dep = self._deps.get(name)
+        if dep is not None:
+            was_open = dep.breaker.is_open
+            dep.breaker.success()
+            dep.closed.set()
+            self.metrics.breaker_open.labels(name).set(0)
+            if was_open:
+                log.warning("dependency %s answers again; resuming", name)
+
+    def _trip(self, dep: _Dependency, error: OpalError, opened: bool = False) -> None:
+        """Open ``dep`` (``opened``: the breaker already opened itself on this failure)."""
+        if dep.breaker.is_open and not opened:
+            return
+        dep.breaker.trip(str(error))
+        dep.closed.clear()
+        self.metrics.breaker_trips.labels(dep.breaker.name).inc()
+        self.metrics.breaker_open.labels(dep.breaker.name).set(1)
+        action = "pausing all partitions" if dep.breaker.name == MODEL else "holding its records"
+        log.warning("dependency %s is down (%s); %s and probing", dep.breaker.name, clean_message(str(error), 300), action)
+
+    def _probes(self) -> list[asyncio.Task[None]]:
+        return [t for t in self._probe_tasks if not t.done()]
+
+    def _probe_dependencies(self) -> None:
+        """Start one probe per open breaker whose probe is due (at most one at a time each)."""
+        for name, dep in self._deps.items():
+            if dep.breaker.probe_due() and not dep.probing:
+                dep.probing = True
+                task = asyncio.create_task(self._probe(name, dep))
+                self._probe_tasks = {*self._probes(), task}
+
+    async def _probe(self, name: str, dep: _Dependency) -> None:
+        try:
+            if name == MODEL:
+                await self.client.probe()
+            else:
+                await self.loader.probe(name)
+        except Exception as e:  # any failure of a probe means: still down
+            dep.breaker.probe_failed(f"{type(e).__name__}: {e}")
+            self.metrics.probes.labels(name, "down").inc()
+        else:
+            self.metrics.probes.labels(name, "up").inc()
+            self._answered(name)
+        finally:
+            dep.probing = False
+
+    async def _wait_for(self, dep: _Dependency) -> bool:
+        """Wait until ``dep`` is closed; False when the worker is stopping instead."""
+        if not dep.breaker.is_open:
+            return True
+        closed = asyncio.ensure_future(dep.closed.wait())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            stopping.cancel()
+        return not self._stopping.is_set()
+
     # -- per record ------------------------------------------------------------------------
     def _start(self, msg: Message) -> None:
         topic, part, off = msg.topic(), msg.partition(), msg.offset()
@@ -348,36 +487,110 @@ class EnrichWorker:
         self.jobs[(topic, part, off)] = job
         self.metrics.in_flight.labels(lane.value).inc()
         job.task = asyncio.create_task(self._process(job))
+        job.task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """A record's task must end in an output or a fatal stop; an escaped exception is fatal (replay)."""
+        if not task.cancelled() and task.exception() is not None and self._fatal is None:
+            self._fatal = task.exception()
 
     async def _process(self, job: _Job) -> None:
+        """One record to exactly one output (or a fatal stop). Never raises for bad input."""
         msg = job.msg
-        attempts = 0
-        listing_id: str | None = None
+        marks: dict[str, int] = {}  # per dependency: its answer count at this record's first failure
         while True:
-            attempts += 1
+            job.attempts += 1
             try:
                 event = decode_listing_event(msg, self.codec, self.categories)
-                listing_id = event.listing_id
+                job.listing_id = event.listing_id
                 out = await self._enrich(event, job)
                 self._produce(job, self.s.topics.aspects, event.listing_id.encode(), self.aspect_codec.encode(out), None)
                 return
             except OpalError as e:
-                if e.retriable and attempts < self.w.max_attempts:
+                if e.dependency is not None:
+                    dep = self._dependency(e.dependency)
+                    marks.setdefault(e.dependency, dep.breaker.mark())
+                    if not getattr(e, "_opal_counted", False):  # a shared (single-flight) failure counts once
+                        e._opal_counted = True  # type: ignore[attr-defined]
+                        if dep.breaker.failure(str(e)):
+                            self._trip(dep, e, opened=True)
+                    spent = job.attempts >= self.w.max_attempts or not e.retriable
+                    if dep.breaker.is_open or (spent and not dep.breaker.specific_to_record(marks[e.dependency])):
+                        # an outage, not this record: wait for the dependency without spending an attempt
+                        self._trip(dep, e)
+                        job.attempts -= 1
+                        self.metrics.dependency_waits.labels(e.dependency).inc()
+                        if not await self._wait_for(dep):
+                            return  # stopping: no output, offset not stored, the record is replayed
+                        continue
+                if e.retriable and job.attempts < self.w.max_attempts:
                     self.metrics.retries.labels(str(e.reason)).inc()
-                    await self._sleep(min(30.0, self.w.retry_backoff_s * 2 ** (attempts - 1)))
+                    await self._sleep(self._retry.delay(job.attempts))
                     continue
-                self._dead_letter(job, e, attempts, listing_id)
+                self._dead_letter(job, e)
                 return
             except Exception as e:  # a bug must not drop the record: dead-letter it with the reason
                 log.exception("unexpected error processing %s[%d]@%d", msg.topic(), msg.partition(), msg.offset())
                 err = OpalError(f"{type(e).__name__}: {e}")
                 err.reason = ErrorKind.INTERNAL
-                self._dead_letter(job, err, attempts, listing_id)
+                self._dead_letter(job, err)
                 return
+
+    async def _load_images(self, event: ListingImageEvent) -> list[bytes]:
+        images = []
+        for img in event.images[: self.s.vllm.images_per_prompt]:
+            images.append(await self.loader.load(img.uri))
+            if img.uri.startswith(("http://", "https://")) and self._deps:
+                self._answered(host_dependency(urllib.parse.urlsplit(img.uri)))
+        return images
+
+    async def _generate(self, images: list[bytes], category: str, digest: str) -> tuple[InferenceResult, list[AspectValue]]:
+        """The model's answer for (version, category, images), stored in the cache before it is shared.
+
+        Concurrent callers with the same key share one request (single flight); the flight
+        ends only after the cache write, so a later caller finds the cached result instead.
+        """
+        key = (self.model_version, category, digest)
+        shared = self._flights.get(key)
+        if shared is not None:
+            self.metrics.coalesced.inc()
+            result = await asyncio.shield(shared)
+            return result, _aspects(result)
+        fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
+        self._flights[key] = fut
+        self.metrics.model_requests.inc()
+        try:
+            t1 = time.perf_counter()
+            result = await self.client.generate(images, category)
+            latency = time.perf_counter() - t1
+            self._latencies.append(latency)
+            self.metrics.model_latency.observe(latency)
+            self._answered(MODEL)
+            aspects = _aspects(result)
+            if self.cache is not None:
+                cached = CachedListing(
+                    result.listing.title,
+                    [(a.name, a.value, a.confidence) for a in aspects],
+                    model_name=result.model.name,
+                    model_version=result.model.version,
+                )
+                await self.cache.put(self.model_version, category, digest, cached)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody shared it
+            raise
+        else:
+            fut.set_result(result)
+        finally:
+            self._flights.pop(key, None)
+        return result, aspects
 
     async def _enrich(self, event: ListingImageEvent, job: _Job) -> AspectEvent:
         t0 = time.perf_counter()
-        images = [await self.loader.load(img.uri) for img in event.images[: self.s.vllm.images_per_prompt]]
+        images = await self._load_images(event)
         image_ms = (time.perf_counter() - t0) * 1000
         digest = images_digest(images)
         cached = await self.cache.get(self.model_version, event.category, digest) if self.cache else None
@@ -397,25 +610,7 @@ class EnrichWorker:
                 **_judge_context(event),
             )
         self.metrics.cache_misses.inc()
-        self.metrics.model_requests.inc()
-        t1 = time.perf_counter()
-        result: InferenceResult = await self.client.generate(images, event.category)
-        latency = time.perf_counter() - t1
-        self._latencies.append(latency)
-        self.metrics.model_latency.observe(latency)
-        aspects = [AspectValue(name=n, value=v, confidence=result.aspect_confidence.get(n, 0.0)) for n, v in result.listing.aspects.items()]
-        if self.cache is not None:
-            await self.cache.put(
-                self.model_version,
-                event.category,
-                digest,
-                CachedListing(
-                    result.listing.title,
-                    [(a.name, a.value, a.confidence) for a in aspects],
-                    model_name=result.model.name,
-                    model_version=result.model.version,
-                ),
-            )
+        result, aspects = await self._generate(images, event.category, digest)
         return AspectEvent(
             listing_id=event.listing_id,
             source_event_id=event.event_id,
@@ -435,14 +630,32 @@ class EnrichWorker:
             **_judge_context(event),
         )
 
-    def _dead_letter(self, job: _Job, error: OpalError, attempts: int, listing_id: str | None) -> None:
-        dl = dead_letter_for(job.msg, error, attempts=attempts, listing_id=listing_id)
-        self._produce(job, self.s.topics.dead_letters, job.msg.key(), self.dl_codec.encode(dl), str(error.reason))
+    # -- output ----------------------------------------------------------------------------
+    def _dead_letter(self, job: _Job, error: OpalError) -> None:
+        """Produce the record's DeadLetter; any failure to hand it to the producer is fatal (replay)."""
+        dl = dead_letter_for(
+            job.msg, error, attempts=max(1, job.attempts), listing_id=job.listing_id, max_value_bytes=self.w.dead_letter_max_value_bytes
+        )
+        try:
+            self._produce(job, self.s.topics.dead_letters, dl.key, self.dl_codec.encode(dl), str(error.reason))
+        except KafkaException as e:
+            self._fatal = FatalWorkerError(f"dead letter for {_where(job.msg)} not accepted by the producer: {e}; offset not stored")
 
     def _produce(self, job: _Job, topic: str, key: bytes | None, value: bytes, dead_reason: str | None) -> None:
+        """Hand one output to the producer; its offset is stored from the delivery callback.
+
+        An AspectEvent that is too large (refused by librdkafka at once, or by the broker in the
+        callback) is replaced by an ``output_too_large`` dead letter. Raises KafkaException only
+        for a dead letter the producer refused (the caller makes that fatal) or a non-size error
+        on an AspectEvent (also fatal, via :meth:`_process`'s caller).
+        """
+
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
-                self._fatal = RuntimeError(f"produce to {topic} failed: {err}; offset not stored, will replay")
+                if dead_reason is None and err.code() in _TOO_LARGE:
+                    self._dead_letter(job, OutputTooLargeError(f"AspectEvent of {len(value)} bytes refused by the broker: {err.str()}"))
+                    return
+                self._fatal = FatalWorkerError(f"produce to {topic} failed for {_where(job.msg)}: {err}; offset not stored, will replay")
                 return
             if dead_reason is None:
                 self.metrics.produced.inc()
@@ -456,6 +669,14 @@ class EnrichWorker:
                 return
             except BufferError:  # local queue full: serve callbacks, then try again
                 self.producer.poll(0.05)
+            except KafkaException as e:
+                code = e.args[0].code() if e.args and isinstance(e.args[0], KafkaError) else None
+                if dead_reason is None and code in _TOO_LARGE:
+                    raise OutputTooLargeError(f"AspectEvent of {len(value)} bytes is over the producer's message.max.bytes") from None
+                if dead_reason is None:
+                    self._fatal = FatalWorkerError(f"produce to {topic} failed for {_where(job.msg)}: {e}; offset not stored")
+                    return
+                raise
 
     def _finish(self, job: _Job) -> None:
         msg = job.msg
@@ -476,6 +697,15 @@ class EnrichWorker:
             consumer.commit(asynchronous=False)
         except Exception as e:
             log.debug("commit: %s", e)
+
+
+def _aspects(result: InferenceResult) -> list[AspectValue]:
+    conf = result.aspect_confidence
+    return [AspectValue(name=n, value=v, confidence=conf.get(n, 0.0)) for n, v in result.listing.aspects.items()]
+
+
+def _where(msg: Message) -> str:
+    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
 
 
 def _judge_context(event: ListingImageEvent) -> dict[str, Any]:
@@ -499,7 +729,9 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
         api_key=settings.vllm.api_key.get_secret_value() if settings.vllm.api_key else None,
         max_concurrency=min(settings.vllm.max_concurrency, w.max_in_flight),
         timeout_s=settings.vllm.request_timeout_s,
-        max_retries=settings.vllm.max_retries,
+        # failover only (each endpoint once per call, no sleeping): the worker owns retries in time (schemas/retry.py)
+        max_retries=len(settings.vllm.endpoints) - 1,
+        backoff_base_s=0.0,
         max_image_bytes=w.image_max_bytes,
         max_image_pixels=w.image_max_pixels,
     )

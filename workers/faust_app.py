@@ -6,20 +6,33 @@
 - :func:`send_acked`: produce and wait for Kafka's acknowledgement, so an agent finishes an
   event (and faust may commit its offset) only after its outputs are stored;
   :func:`send_dead_letter` does the same for an event the agent gives up on.
+- :func:`through_outage`: an agent's call to a dependency (Redis, a judge endpoint) is
+  retried until it succeeds, with the one retry policy of :mod:`schemas.retry`: record
+  backoff first, then, once the dependency's breaker opens, probe backoff. The agent does
+  not take its next event meanwhile, so faust stops fetching: an outage pauses the agent,
+  it never turns into dead letters.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import faust
 
 from schemas.errors import OpalError
 from schemas.events import DeadLetter
+from schemas.retry import Backoff
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
+from workers.circuit import CircuitBreaker
 from workers.intake import dead_letter_for
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_faust_app(settings: OpalSettings, group_id: str) -> faust.App:
@@ -52,6 +65,43 @@ async def send_dead_letter(
     """The DeadLetter for faust event ``ev`` (raw key, value, headers and the reason), acknowledged; counted."""
     await send_acked(topic, ev.key, codec.encode(dead_letter_for(FaustRecord(source_topic, ev), error)))
     counts["dead_lettered"] += 1
+
+
+def breaker_for(settings: OpalSettings, name: str) -> CircuitBreaker:
+    """A breaker for an agent's dependency, with the worker settings' thresholds and probe backoff."""
+    w = settings.worker
+    return CircuitBreaker(name, w.breaker_failures, Backoff(w.breaker_probe_s, w.breaker_probe_max_s))
+
+
+async def through_outage(
+    settings: OpalSettings,
+    breaker: CircuitBreaker,
+    op: Callable[[], Awaitable[T]],
+    counts: Counter[str],
+    transient: tuple[type[Exception], ...] = (),
+) -> T:
+    """``await op()`` until it succeeds (see the module contract). Dependency failures are the
+    ``transient`` exception types and OpalErrors naming a ``dependency``; anything else propagates at once."""
+    retry = Backoff(settings.worker.retry_backoff_s, settings.worker.retry_backoff_max_s)
+    attempt = 0
+    while True:
+        try:
+            result = await op()
+        except Exception as e:
+            if not (isinstance(e, transient) or (isinstance(e, OpalError) and e.dependency is not None)):
+                raise
+            err = e
+        else:
+            if breaker.is_open:
+                log.warning("%s answers again after %.1f s; resuming", breaker.name, breaker.open_for_s())
+            breaker.success()
+            return result
+        attempt += 1
+        counts[f"waits:{breaker.name}"] += 1
+        delay, opened = breaker.wait_after_failure(f"{type(err).__name__}: {err}", retry.delay(attempt))
+        if opened:
+            log.warning("%s is down (%s: %s); the agent waits and probes", breaker.name, type(err).__name__, err)
+        await asyncio.sleep(delay)
 
 
 class FaustRecord:

@@ -7,7 +7,11 @@ Contract of :meth:`ImageLoader.load`
 - Raises :class:`ImageRejectedError` (not retriable) for a disallowed scheme, path
   or host, a missing file, an HTTP 4xx, a body over the byte limit, or bad bytes.
 - Raises :class:`ImageFetchError` (retriable) for timeouts, connection errors and
-  HTTP 5xx/429; the caller retries with backoff and dead-letters after its attempts.
+  HTTP 5xx/429, with ``dependency`` naming the host (``image-host:<scheme>://<host>:<port>``)
+  so a worker can tell a host outage from one bad URL (:mod:`schemas.retry`); and for
+  transient file-system errors (EIO, EAGAIN, ENFILE, ...). Every other ``OSError`` of a
+  file path (name too long, not a directory, loop, embedded NUL ...) is an
+  :class:`ImageRejectedError` naming the errno; no other exception type escapes for input.
 - SSRF: only allow-listed host names are contacted; their addresses must not be
   loopback/private/link-local unless ``allow_private_addresses`` (tests, on-prem CDNs);
   redirects are not followed (a redirect is a rejection naming its target).
@@ -16,7 +20,9 @@ Contract of :meth:`ImageLoader.load`
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import os
 import socket
 import urllib.parse
 from pathlib import Path
@@ -32,6 +38,28 @@ class ImageFetchError(OpalError):
 
     reason = ErrorKind.IMAGE_FETCH
     retriable = True
+
+
+TRANSIENT_ERRNOS = frozenset(
+    {errno.EIO, errno.EAGAIN, errno.EINTR, errno.ENFILE, errno.EMFILE, errno.ENOMEM, errno.ESTALE, errno.ETIMEDOUT, errno.EBUSY}
+)
+"""File-system errors that may pass on a retry (NFS hiccups, descriptor exhaustion); all others reject the image."""
+
+
+def host_dependency(parsed: urllib.parse.SplitResult) -> str:
+    """The dependency name of an http(s) image host: ``image-host:<scheme>://<host>:<port>``."""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return f"image-host:{parsed.scheme}://{parsed.hostname or ''}:{port}"
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` as a repr cut to ``limit`` characters, saying how long it was."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+def _errno_text(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0, "OSError")
+    return f"{name} ({e.strerror or 'no message'})"
 
 
 class ImageLoader:
@@ -56,41 +84,74 @@ class ImageLoader:
         await self._http.aclose()
 
     async def load(self, uri: str) -> bytes:
-        parsed = urllib.parse.urlsplit(uri)
+        try:
+            parsed = urllib.parse.urlsplit(uri)
+        except ValueError as e:  # e.g. an invalid IPv6 literal
+            raise ImageRejectedError(f"unparsable image URI {_short(uri)}: {e}") from None
         if parsed.scheme == "file":
             data = self._load_file(parsed)
         elif parsed.scheme in ("http", "https"):
             try:
                 data = await asyncio.wait_for(self._load_http(uri, parsed), self.timeout_s)  # whole-download limit
             except TimeoutError:
-                raise ImageFetchError(f"GET {uri[:200]} took longer than {self.timeout_s} s") from None
+                raise ImageFetchError(f"GET {_short(uri)} took longer than {self.timeout_s} s", host_dependency(parsed)) from None
         else:
-            raise ImageRejectedError(f"scheme {parsed.scheme or '(none)'!r} not allowed in {uri[:200]!r}")
+            raise ImageRejectedError(f"scheme {parsed.scheme[:20] or '(none)'!r} not allowed in {_short(uri)}")
         prepare_image(data, self.max_bytes, self.max_pixels)  # raises ImageRejectedError
         return data
+
+    async def probe(self, dependency: str) -> None:
+        """Is the image host named by ``dependency`` (from an :class:`ImageFetchError`) answering?
+
+        One HEAD of its root, no retries: any HTTP answer but 429/502/503/504 means it is up. Raises
+        :class:`ImageFetchError` otherwise. The host is checked against the allow-list again.
+        """
+        base = dependency.removeprefix("image-host:")
+        if base.startswith("file://"):
+            try:
+                os.stat(self.root or "/")
+            except OSError as e:
+                raise ImageFetchError(f"image root {self.root} unreadable: {_errno_text(e)}", dependency) from None
+            return
+        parsed = urllib.parse.urlsplit(base)
+        self._check_host(parsed.hostname or "", parsed.port or 443, dependency)
+        try:
+            r = await self._http.head(base + "/", timeout=min(5.0, self.timeout_s))
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            raise ImageFetchError(f"probe of {base} failed: {type(e).__name__}", dependency) from None
+        if r.status_code in (429, 502, 503, 504):
+            raise ImageFetchError(f"probe of {base} answered HTTP {r.status_code}", dependency)
 
     def _load_file(self, parsed: urllib.parse.SplitResult) -> bytes:
         if self.root is None:
             raise ImageRejectedError("file:// images are disabled (set OPAL_WORKER_ALLOWED_FILE_ROOT)")
         if parsed.netloc not in ("", "localhost"):
-            raise ImageRejectedError(f"file:// URI names a host {parsed.netloc!r}")
-        path = Path(urllib.parse.unquote(parsed.path)).resolve()
-        if not path.is_relative_to(self.root):
-            raise ImageRejectedError(f"file {path} is outside the allowed root {self.root}")
+            raise ImageRejectedError(f"file:// URI names a host {parsed.netloc[:100]!r}")
+        raw_path = urllib.parse.unquote(parsed.path)
+        shown = _short(raw_path)
         try:
+            path = Path(raw_path).resolve()
+            if not path.is_relative_to(self.root):
+                raise ImageRejectedError(f"file {shown} is outside the allowed root {self.root}")
             size = path.stat().st_size
             if size > self.max_bytes:
                 raise ImageRejectedError(f"image file is {size} bytes, limit {self.max_bytes}")
             with path.open("rb") as f:
                 return f.read(self.max_bytes + 1)
         except FileNotFoundError:
-            raise ImageRejectedError(f"image file not found: {path}") from None
+            raise ImageRejectedError(f"image file not found: {shown}") from None
         except IsADirectoryError:
-            raise ImageRejectedError(f"image path is a directory: {path}") from None
+            raise ImageRejectedError(f"image path is a directory: {shown}") from None
         except PermissionError:
-            raise ImageRejectedError(f"image file not readable: {path}") from None
+            raise ImageRejectedError(f"image file not readable: {shown}") from None
+        except OSError as e:
+            if e.errno in TRANSIENT_ERRNOS:
+                raise ImageFetchError(f"reading {shown} failed: {_errno_text(e)}", "image-host:file://") from None
+            raise ImageRejectedError(f"image path {shown} refused by the file system: {_errno_text(e)}") from None
+        except ValueError as e:  # embedded NUL byte
+            raise ImageRejectedError(f"invalid image path {shown}: {e}") from None
 
-    def _check_host(self, host: str, port: int) -> None:
+    def _check_host(self, host: str, port: int, dependency: str) -> None:
         if host.lower() not in self.hosts:
             raise ImageRejectedError(f"host {host!r} is not in OPAL_WORKER_ALLOWED_HTTP_HOSTS")
         if self.allow_private:
@@ -98,7 +159,7 @@ class ImageLoader:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
-            raise ImageFetchError(f"cannot resolve {host!r}: {e}") from None
+            raise ImageFetchError(f"cannot resolve {host!r}: {e}", dependency) from None
         for info in infos:
             ip = ipaddress.ip_address(info[4][0])
             if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
@@ -106,15 +167,15 @@ class ImageLoader:
 
     async def _load_http(self, uri: str, parsed: urllib.parse.SplitResult) -> bytes:
         host = parsed.hostname or ""
-        self._check_host(host, parsed.port or (443 if parsed.scheme == "https" else 80))
+        self._check_host(host, parsed.port or (443 if parsed.scheme == "https" else 80), host_dependency(parsed))
         try:
             async with self._http.stream("GET", uri) as r:
                 if r.is_redirect:
                     raise ImageRejectedError(f"redirect to {r.headers.get('location', '?')[:200]!r} not followed")
                 if r.status_code == 429 or r.status_code >= 500:
-                    raise ImageFetchError(f"GET {uri[:200]} answered HTTP {r.status_code}")
+                    raise ImageFetchError(f"GET {_short(uri)} answered HTTP {r.status_code}", host_dependency(parsed))
                 if r.status_code >= 400:
-                    raise ImageRejectedError(f"GET {uri[:200]} answered HTTP {r.status_code}")
+                    raise ImageRejectedError(f"GET {_short(uri)} answered HTTP {r.status_code}")
                 declared = r.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > self.max_bytes:
                     raise ImageRejectedError(f"image is {declared} bytes, limit {self.max_bytes}")
@@ -127,4 +188,4 @@ class ImageLoader:
                     chunks.append(chunk)
                 return b"".join(chunks)
         except (httpx.TimeoutException, httpx.TransportError) as e:
-            raise ImageFetchError(f"GET {uri[:200]} failed: {type(e).__name__}: {e}") from None
+            raise ImageFetchError(f"GET {_short(uri)} failed: {type(e).__name__}: {e}", host_dependency(parsed)) from None

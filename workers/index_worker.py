@@ -11,12 +11,16 @@ Contract
   != listing id, tombstone without key) becomes a DeadLetter with its reason and raw
   bytes; a tombstone with a key removes the listing from the index. The key rule keeps
   every record of a listing in one partition, which the index's version check needs.
-- Redis errors and retriable decode errors (schema registry down) are retried with
-  exponential backoff ``max_attempts`` times; then :class:`IndexerError` is raised with
-  the batch's offsets not stored, and the process exits non-zero for its supervisor to
-  restart it (nothing is lost, nothing is skipped).
-- ``stop`` is checked between batches: the current batch finishes, its offsets are
-  committed synchronously, the consumer leaves the group.
+- Redis errors and retriable decode errors (schema registry down) are dependency
+  failures, never dead letters (:mod:`schemas.retry`): the operation is retried with
+  capped, jittered backoff; after ``max_attempts`` consecutive failures the Redis
+  breaker opens, every assigned partition is paused (the consumer keeps polling, so the
+  group keeps the member), and the operation is retried at the breaker's probe backoff
+  until Redis answers; then partitions resume. The indexer never gives up on an outage.
+- ``stop`` is checked between batches, and while waiting for Redis: the current batch
+  finishes (or, during an outage, :class:`IndexerError` is raised with the batch's
+  offsets not stored: the next run replays it), offsets are committed synchronously, the
+  consumer leaves the group.
 """
 
 from __future__ import annotations
@@ -33,9 +37,11 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import AspectEvent, DeadLetter
+from schemas.retry import Backoff
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 from topology.declared import INDEXER_GROUP
+from workers.circuit import CircuitBreaker
 from workers.intake import dead_letter_for
 from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex
@@ -45,7 +51,8 @@ T = TypeVar("T")
 
 
 class IndexerError(RuntimeError):
-    """The indexer gave up (Redis or Kafka unavailable past the retry budget); offsets of the failed batch were not stored."""
+    """The indexer stopped inside a batch (stopped during an outage, Kafka refused dead letters
+    or offsets); offsets of that batch were not stored, so the next run replays it."""
 
 
 class InvalidAspectRecordError(OpalError):
@@ -80,6 +87,7 @@ class SearchIndexer:
         backoff_s: float = 0.5,
         join_wait_s: float = 16.0,
         metrics: IndexerMetrics | None = None,
+        probe: Backoff | None = None,
     ) -> None:
         self.consumer = consumer
         self.producer = producer
@@ -93,6 +101,9 @@ class SearchIndexer:
         self.backoff_s = backoff_s
         self.join_wait_s = join_wait_s
         self.metrics = metrics or IndexerMetrics()
+        self._backoff = Backoff(backoff_s, 30.0)
+        self.breaker = CircuitBreaker("redis", max_attempts, probe or Backoff(1.0, 30.0))
+        self._stop = threading.Event()
         self.stats = IndexerStats()
         self._assigned = False
         self._delivery_errors: list[str] = []
@@ -104,6 +115,7 @@ class SearchIndexer:
             self._assigned = True
             log.info("indexer assigned %s", [p.partition for p in parts])
 
+        self._stop = stop
         self.consumer.subscribe([self.topic], on_assign=on_assign)
         last = time.monotonic()
         try:
@@ -182,21 +194,63 @@ class SearchIndexer:
         self.metrics.applied.labels(name).inc()
 
     def _retry(self, op: Callable[[], T]) -> T:
-        for attempt in range(1, self.max_attempts + 1):
+        """Run ``op`` until it succeeds: retries with backoff, then (breaker open) with partitions
+        paused at the probe backoff. Raises :class:`IndexerError` only when ``stop`` is set meanwhile."""
+        attempt = 0
+        while True:
             try:
-                return op()
+                result = op()
             except (redis.RedisError, OSError) as e:
                 err: Exception = e
             except OpalError as e:
                 if not e.retriable:
                     raise
                 err = e
-            if attempt == self.max_attempts:
-                raise IndexerError(f"giving up after {attempt} attempts: {type(err).__name__}: {err}") from err
-            delay = min(30.0, self.backoff_s * 2 ** (attempt - 1))
-            log.warning("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(err).__name__, err, delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+            else:
+                if self.breaker.is_open:
+                    log.warning("Redis answers again after %.1f s; resuming", self.breaker.open_for_s())
+                    self._resume()
+                self.breaker.success()
+                self.metrics.breaker_open.set(0)
+                return result
+            attempt += 1
+            delay, opened = self.breaker.wait_after_failure(f"{type(err).__name__}: {err}", self._backoff.delay(attempt))
+            if opened:
+                log.warning("Redis down (%s: %s); pausing partitions and probing", type(err).__name__, err)
+                self.metrics.breaker_open.set(1)
+                self._pause()
+            elif not self.breaker.is_open:
+                log.warning("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(err).__name__, err, delay)
+            self.metrics.waits.inc()
+            self._wait(delay)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep while serving the consumer (its partitions are paused during an outage)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._stop.is_set():
+                raise IndexerError("stopped while waiting for Redis; this batch's offsets were not stored (replayed next run)")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self.breaker.is_open:
+                msg = self.consumer.poll(min(0.2, left))  # liveness and rebalance callbacks; paused partitions deliver nothing
+                if msg is not None and msg.error() is None:
+                    self.consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+            else:
+                time.sleep(min(0.2, left))
+
+    def _pause(self) -> None:
+        try:
+            self.consumer.pause(self.consumer.assignment())
+        except KafkaException as e:
+            log.warning("could not pause partitions: %s", e)
+
+    def _resume(self) -> None:
+        try:
+            self.consumer.resume(self.consumer.assignment())
+        except KafkaException as e:
+            log.warning("could not resume partitions: %s", e)
 
     def _dead_letter(self, m: Message, error: OpalError) -> None:
         dl = dead_letter_for(m, error)

@@ -16,6 +16,9 @@ Contract
   again, which compaction and the pair id make harmless.
 - A record that is not an AspectEvent becomes a DeadLetter with its reason; a judge
   error on one event becomes a DeadLetter too (``internal_error``), never a stuck agent.
+  A judge failure that names a dependency (an :class:`~schemas.errors.OpalError` with
+  ``dependency``, e.g. a judge endpoint that is down) is an outage: the agent waits and
+  retries through the breaker (:func:`workers.faust_app.through_outage`), no dead letter.
 - Runs until SIGTERM/SIGINT (faust's worker stops the agent, commits and leaves).
 """
 
@@ -33,7 +36,7 @@ from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import JUDGE_GROUP
-from workers.faust_app import make_faust_app, raw_topic, send_acked, send_dead_letter
+from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_acked, send_dead_letter, through_outage
 
 log = logging.getLogger(__name__)
 JudgeFn = Callable[[AspectEvent], "tuple[JudgeOutcome, PreferencePair | None] | None"]
@@ -53,6 +56,10 @@ def selected(event: AspectEvent, confidence_below: float, sample_rate: float) ->
     return bucket < sample_rate
 
 
+async def _call(judge: JudgeFn, event: AspectEvent) -> tuple[JudgeOutcome, PreferencePair | None] | None:
+    return judge(event)
+
+
 def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str] | None = None) -> faust.App:
     """The faust app with one agent (see the module contract); ``counts`` collects what happened to each event."""
     framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
@@ -61,6 +68,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
     counts = counts if counts is not None else Counter()
     t, j = settings.topics, settings.judge
     app = make_faust_app(settings, JUDGE_GROUP)
+    judge_breaker = breaker_for(settings, "judge")
     source, outcomes = raw_topic(app, t.aspects), raw_topic(app, t.judge_outcomes)
     preferences, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
 
@@ -76,7 +84,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
                 counts["not_selected"] += 1
                 continue
             try:
-                result = judge(event)
+                result = await through_outage(settings, judge_breaker, lambda ev_=event: _call(judge, ev_), counts)
             except Exception as e:  # one bad event must not stop the agent
                 log.exception("judge failed on %s", event.listing_id)
                 err = JudgeFailedError(f"judge failed: {type(e).__name__}: {e}")

@@ -42,7 +42,33 @@ class WorkerMetrics(_Metrics):
         self.cache_hits = Counter("opal_enrich_cache_hits_total", "Results reused from the image cache", registry=r)
         self.cache_misses = Counter("opal_enrich_cache_misses_total", "Cache look-ups that found nothing", registry=r)
         self.lag = Gauge("opal_enrich_lag", "High-water mark minus position, from fetched messages", ["topic", "partition"], registry=r)
-        self.paused = Gauge("opal_enrich_paused_partitions", "Partitions paused for backpressure or lane priority", registry=r)
+        self.paused = Gauge("opal_enrich_paused_partitions", "Partitions paused for backpressure, lane priority or an outage", registry=r)
+        self.commit_lag = Gauge(
+            "opal_enrich_commit_lag",
+            "High-water mark minus the offset the group resumes from (next offset to store); grows while an offset is stuck",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.oldest_in_flight = Gauge(
+            "opal_enrich_oldest_in_flight_seconds", "Age of the oldest record consumed but not yet output (0 when none)", registry=r
+        )
+        self.cache_errors = Counter(
+            "opal_enrich_cache_errors_total", "Redis cache operations that failed (degraded to a miss)", ["op"], registry=r
+        )
+        self.coalesced = Counter(
+            "opal_enrich_coalesced_total", "Cache misses that shared another record's in-flight model request", registry=r
+        )
+        self.breaker_open = Gauge(
+            "opal_enrich_breaker_open", "1 while the dependency's circuit breaker is open", ["dependency"], registry=r
+        )
+        self.breaker_trips = Counter("opal_enrich_breaker_trips_total", "Times a dependency's breaker opened", ["dependency"], registry=r)
+        self.probes = Counter("opal_enrich_probes_total", "Probes of dependencies that are down", ["dependency", "result"], registry=r)
+        self.dependency_waits = Counter(
+            "opal_enrich_dependency_waits_total",
+            "Times a record waited for a dependency instead of spending an attempt",
+            ["dependency"],
+            registry=r,
+        )
 
 
 @dataclass
@@ -58,6 +84,8 @@ class IndexerMetrics(_Metrics):
             "opal_index_dead_letters_total", "DeadLetters produced (a batch fails unless all are acknowledged)", ["reason"], registry=r
         )
         self.batch_seconds = Histogram("opal_index_batch_seconds", "Time to apply and store one batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.breaker_open = Gauge("opal_index_redis_breaker_open", "1 while Redis is down and partitions are paused", registry=r)
+        self.waits = Counter("opal_index_retry_waits_total", "Waits before retrying a Redis (or registry) operation", registry=r)
         self.lag = Gauge(
             "opal_index_lag", "High-water mark minus the next offset to index, from fetched messages", ["partition"], registry=r
         )

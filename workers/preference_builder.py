@@ -12,6 +12,8 @@ Contract
   twice in a shard; readers dedupe by pair id (``training.dpo`` does). Nothing is lost:
   faust commits the offset only after both.
 - Records that are not a PreferencePair become DeadLetters with their reason.
+- Redis down: the agent waits on the pair it holds (:func:`workers.faust_app.through_outage`)
+  and faust stops fetching; it goes on where it was when Redis answers. Never a dead letter.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from pathlib import Path
 
 import faust
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from schemas.errors import OpalError
 from schemas.events import DeadLetter, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
-from workers.faust_app import make_faust_app, raw_topic, send_dead_letter
+from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_dead_letter, through_outage
 
+REDIS_DOWN = (RedisError, OSError)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -57,6 +61,7 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
     app = make_faust_app(settings, PREFERENCE_GROUP)
     source, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
     state = aioredis.Redis.from_url(settings.redis.url_value(), socket_timeout=5, socket_connect_timeout=5)
+    redis_breaker = breaker_for(settings, "redis")
 
     @app.agent(source)
     async def build_shards(stream: faust.StreamT) -> None:
@@ -66,11 +71,11 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
             except OpalError as e:
                 await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, e, counts)
                 continue
-            if await state.sismember(seen_key, pair.pair_id):
+            if await through_outage(settings, redis_breaker, lambda p=pair: state.sismember(seen_key, p.pair_id), counts, REDIS_DOWN):
                 counts["duplicates"] += 1
                 continue
             append_line(shard_path(out_dir, pair), pair.model_dump_json())
-            await state.sadd(seen_key, pair.pair_id)
+            await through_outage(settings, redis_breaker, lambda p=pair: state.sadd(seen_key, p.pair_id), counts, REDIS_DOWN)
             counts["written"] += 1
 
     return app

@@ -4,7 +4,8 @@ Contract
 - ``get`` returns a stored :class:`CachedListing` or None; ``put`` stores one with
   the configured TTL. Both are idempotent.
 - A Redis failure never fails the event: ``get`` degrades to a miss and ``put`` to a
-  no-op; both count it in ``errors`` so metrics show a sick cache.
+  no-op; both count it in ``errors`` and call ``on_error(op)`` (``"get"``, ``"put"``,
+  ``"decode"``) so metrics show a sick cache.
 - Keys: ``<prefix>result:<model version>:<category>:<sha256 of the image bytes>``.
   A new model version never sees an old version's results.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
@@ -45,6 +47,12 @@ class ResultCache:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.errors = 0
+        self.on_error: Callable[[str], None] | None = None
+
+    def _error(self, op: str) -> None:
+        self.errors += 1
+        if self.on_error is not None:
+            self.on_error(op)
 
     def key(self, model_version: str, category: str, digest: str) -> str:
         return f"{self.prefix}result:{model_version}:{category}:{digest}"
@@ -53,7 +61,7 @@ class ResultCache:
         try:
             raw = await self._redis.get(self.key(model_version, category, digest))
         except (RedisError, OSError) as e:
-            self.errors += 1
+            self._error("get")
             log.warning("result cache get failed (treated as a miss): %s", e)
             return None
         if raw is None:
@@ -63,7 +71,7 @@ class ResultCache:
             d["aspects"] = [tuple(a) for a in d["aspects"]]
             return CachedListing(**d)
         except (ValueError, TypeError, KeyError) as e:
-            self.errors += 1
+            self._error("decode")
             log.warning("unreadable cache entry ignored: %s", e)
             return None
 
@@ -71,7 +79,7 @@ class ResultCache:
         try:
             await self._redis.set(self.key(model_version, category, digest), json.dumps(asdict(value)), ex=self.ttl_s)
         except (RedisError, OSError) as e:
-            self.errors += 1
+            self._error("put")
             log.warning("result cache put failed (ignored): %s", e)
 
     async def aclose(self) -> None:
