@@ -194,6 +194,8 @@ class EnrichWorker:
         self.outputs = 0
         self._last_rt = 0.0  # when the realtime lane last delivered records
         self._joined: set[Lane] = set()  # lanes whose consumer completed a group join
+        self._last_rebalance = 0.0
+        self._settle_s = settings.kafka.session_timeout_ms / 1000 + 1.0
         self._retry = Backoff(self.w.retry_backoff_s, self.w.retry_backoff_max_s)
         self._deps: dict[str, _Dependency] = {}
         self._flights: dict[tuple[str, str, str], asyncio.Future[InferenceResult]] = {}
@@ -213,11 +215,13 @@ class EnrichWorker:
 
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         self._joined |= {lane for lane, c in self.consumers.items() if c is consumer}  # also on an empty assignment
+        self._last_rebalance = time.monotonic()
         for tp in parts:
             self.assigned.add((tp.topic, tp.partition))
         log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in parts))
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        self._last_rebalance = time.monotonic()
         self._commit(consumer)
         for tp in parts:
             key = (tp.topic, tp.partition)
@@ -240,7 +244,12 @@ class EnrichWorker:
         return [m for m in msgs if m.error() is None]
 
     async def run(self, stop: asyncio.Event, idle_exit_s: float | None = None, grace_s: float = 30.0) -> None:
-        """Process until ``stop`` is set (or nothing arrived for ``idle_exit_s``), then shut down cleanly."""
+        """Process until ``stop`` is set (or nothing arrived for ``idle_exit_s``), then shut down cleanly.
+
+        Idle time starts only when both lanes are assigned and a session timeout has passed since the
+        last rebalance, so a batch run does not exit while a dead member's partitions are about to move
+        to it (``--idle-exit`` means: the group has nothing left for this worker).
+        """
         served = await self._served_model(stop)
         if served is None:
             return  # stopped before the model ever answered: nothing consumed
@@ -281,8 +290,10 @@ class EnrichWorker:
                     last_activity = time.monotonic()
                     await self._sleep(0.002)
                 else:
-                    if self._joined != set(self.consumers):
-                        last_activity = time.monotonic()  # idle time counts only once both lanes are assigned
+                    if self._joined != set(self.consumers) or time.monotonic() - self._last_rebalance < self._settle_s:
+                        # idle time counts only once both lanes are assigned and a session timeout has passed since the
+                        # last rebalance: a member that died holding partitions is noticed only then (we get them next)
+                        last_activity = time.monotonic()
                     elif idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
                         break
                     await self._sleep(0)  # always yield: signal handlers and tasks run on this loop
