@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opal import __version__
-from opal.embedded import EmbeddedStack, read_state, resolve_settings, stop_detached
+from opal.embedded import read_state, resolve_settings, stop_detached, up_detached
 from opal.samples import SAMPLE_DIR, load_samples, sample_event
 from schemas.category import default_categories
 from schemas.errors import OpalError
@@ -102,21 +102,44 @@ def settings_cmd(markdown: Annotated[bool, typer.Option(help="Print a Markdown t
 # -- dev ---------------------------------------------------------------------------------
 @dev_app.command("up")
 def dev_up(
-    storage: Annotated[str, typer.Option(help="Broker storage: memory or s3 (durable, via a local moto server).")] = "memory",
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Broker storage: memory or s3 (durable, via a local moto server). Default: OPAL_EMBEDDED_BROKER_STORAGE."),
+    ] = None,
 ) -> None:
-    """Start tansu and valkey in the background; print the variables to use them."""
-    base = OpalSettings()
-    state = read_state(base.embedded.run_dir)
-    if state and all(state["alive"].values()):
-        console.print(f"already up: kafka {state['kafka_bootstrap']}  redis {state['redis_url']}")
+    """Start tansu and valkey in the background (restart only what is down); print the variables to use them."""
+    if storage not in (None, "memory", "s3"):
+        console.print(f"[red]--storage must be memory or s3[/], not {storage!r}")
+        raise typer.Exit(2)
+    r = up_detached(OpalSettings(), storage)
+    kafka, redis, storage_used = r.state["kafka_bootstrap"], r.state["redis_url"], r.state.get("storage", "memory")
+    if r.action == "running":
+        console.print(f"already up: kafka {kafka}  redis {redis}  (storage {storage_used})")
         return
-    if state:
-        stop_detached(base.embedded.run_dir)
-    s = base.model_copy(update={"embedded": base.embedded.model_copy(update={"broker_storage": storage})})
-    stack = EmbeddedStack(s, attached=False).start()
-    console.print(f"kafka  {stack.settings.kafka.bootstrap}\nredis  {stack.settings.redis.url_value()}\nlogs   {stack.run_dir}")
+    if r.action == "restarted":
+        console.print(f"restarted on the recorded ports: {', '.join(r.restarted)}")
+    console.print(f"kafka  {kafka}  (storage {storage_used})\nredis  {redis}\nlogs   {Path(r.state['processes'][0]['log']).parent}")
     console.print("Commands in this folder use them automatically; elsewhere export:")
-    print(f"export OPAL_KAFKA_BOOTSTRAP={stack.settings.kafka.bootstrap} OPAL_REDIS_URL={stack.settings.redis.url_value()}")
+    print(f"export OPAL_KAFKA_BOOTSTRAP={kafka} OPAL_REDIS_URL={redis}")
+
+
+@dev_app.command("restart")
+def dev_restart(
+    service: Annotated[str, typer.Argument(help="kafka, redis or s3.")],
+) -> None:
+    """Restart one background service on its recorded port (kafka on s3 storage keeps its data)."""
+    from opal.embedded import ServiceStartError, restart_service
+
+    s = OpalSettings()
+    try:
+        proc = restart_service(s.embedded.run_dir, service, timeout_s=s.embedded.start_timeout_s)
+    except LookupError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    except ServiceStartError as e:
+        console.print(f"[red]{service} did not come back:[/] {e}")
+        raise typer.Exit(1) from None
+    console.print(f"{service}: {proc.name} pid {proc.pid} on 127.0.0.1:{proc.port}")
 
 
 @dev_app.command("down")
@@ -128,16 +151,17 @@ def dev_down() -> None:
 
 @dev_app.command("status")
 def dev_status() -> None:
-    """Show whether the background services run."""
+    """Show whether the background services run (exit 1: no stack recorded)."""
     state = read_state(OpalSettings().embedded.run_dir)
     if state is None:
         console.print("no embedded stack (run `opal dev up`)")
         raise typer.Exit(1)
-    table = Table("service", "pid", "alive", "log")
+    table = Table("service", "pid", "alive", "port", "restarts", "log")
     for p in state["processes"]:
-        table.add_row(p["name"], str(p["pid"]), "yes" if state["alive"][p["name"]] else "[red]no[/]", p["log"])
+        alive = "yes" if state["alive"][p["name"]] else "[red]no[/]"
+        table.add_row(p["name"], str(p["pid"]), alive, str(p.get("port") or ""), str(p.get("restarts", 0)), p["log"])
     console.print(table)
-    console.print(f"kafka {state['kafka_bootstrap']}  redis {state['redis_url']}")
+    console.print(f"kafka {state['kafka_bootstrap']}  redis {state['redis_url']}  (storage {state.get('storage', 'memory')})")
 
 
 # -- topology ----------------------------------------------------------------------------
@@ -531,8 +555,9 @@ def worker_enrich(
     import asyncio
     import logging
 
-    from workers.enrich import run_worker
+    from workers.enrich import FatalWorkerError, run_worker
     from workers.metrics import WorkerMetrics
+    from workers.status import announce, withdraw
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model request is noise
@@ -541,6 +566,7 @@ def worker_enrich(
     metrics = WorkerMetrics()
     port = metrics.serve(s.worker.metrics_port if metrics_port is None else metrics_port)
     console.print(f"metrics on http://127.0.0.1:{port}/metrics", highlight=False)
+    note = announce(s.embedded.run_dir, "enrich", f"http://127.0.0.1:{port}/metrics")  # for `opal worker status`
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -555,6 +581,53 @@ def worker_enrich(
     except ValueError as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
+    except FatalWorkerError as e:
+        console.print(f"[red]enrich worker stopped on a fatal error (unfinished records are replayed on restart): {e}[/]")
+        raise typer.Exit(1) from None
+    finally:
+        withdraw(note)
+
+
+@worker_app.command("status")
+def worker_status(
+    url: Annotated[
+        list[str] | None, typer.Option("--url", help="A worker's /metrics URL (repeatable); default: every running worker of this run dir.")
+    ] = None,
+) -> None:
+    """What each running worker holds: in flight, oldest record's age, lag and commit lag per partition, open breakers."""
+    from workers.status import announced, scrape
+
+    s = _settings()
+    urls = url or [str(w["metrics_url"]) for w in announced(s.embedded.run_dir)]
+    if not urls:
+        console.print(f"no running worker announced under {s.embedded.run_dir}/workers (pass --url)")
+        raise typer.Exit(1)
+    table = Table(
+        "worker", "in flight", "oldest (s)", "paused", "outputs", "partition", "lag", "commit lag", "down", "dead letters", title="workers"
+    )
+    for u in urls:
+        try:
+            st = scrape(u)
+        except OSError as e:
+            table.add_row(u, "-", "-", "-", "-", "-", "-", "-", f"unreachable: {e}", "-")
+            continue
+        parts = sorted(set(st.lag) | set(st.commit_lag)) or [("", "")]
+        dead = ", ".join(f"{k}={int(v)}" for k, v in sorted(st.dead_letters.items()) if v) or "0"
+        for i, tp in enumerate(parts):
+            head = (
+                (u, f"{st.in_flight:.0f}", f"{st.oldest_in_flight_s:.1f}", f"{st.paused_partitions:.0f}", f"{st.outputs:.0f}")
+                if i == 0
+                else ("",) * 5
+            )
+            table.add_row(
+                *head,
+                f"{tp[0]}[{tp[1]}]" if tp[0] else tp[1] or "-",
+                f"{st.lag.get(tp, 0):.0f}",
+                f"{st.commit_lag.get(tp, 0):.0f}" if tp in st.commit_lag else "-",
+                (", ".join(st.open_breakers) or "-") if i == 0 else "",
+                dead if i == 0 else "",
+            )
+    console.print(table)
 
 
 @worker_app.command("index")
@@ -822,15 +895,22 @@ def serve(
     model: Annotated[Path, typer.Option(help="Model folder (config.json, weights, processor).")],
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 8000,
     timeout_s: Annotated[float, typer.Option(help="Longest wait for /health.")] = 300.0,
+    stop_grace_s: Annotated[float, typer.Option(help="On Ctrl-C/SIGTERM: seconds vLLM gets to exit before SIGKILL.")] = 5.0,
 ) -> None:
-    """Run a real vLLM OpenAI-compatible server for MODEL until Ctrl-C."""
+    """Run a real vLLM OpenAI-compatible server for MODEL until Ctrl-C or SIGTERM.
+
+    Stopping: SIGTERM to the server and every process it started, SIGKILL to survivors
+    after --stop-grace-s, then exit once the port is free. Further signals during that
+    are ignored (the stop is bounded anyway). If this process is SIGKILLed instead, the
+    server and its engine processes are SIGKILLed with it.
+    """
     _sigterm_as_interrupt()
     from opal.vllm_server import served_name, start_vllm
 
     s = OpalSettings()
     run_dir = s.embedded.run_dir.resolve()
     with console.status(f"starting vLLM on {model} ..."):
-        proc, url = start_vllm(model, s.vllm, run_dir, port=port or None, timeout_s=timeout_s)
+        proc, url = start_vllm(model, s.vllm, run_dir, port=port or None, timeout_s=timeout_s, stop_grace_s=stop_grace_s)
     console.print(f"serving [bold]{served_name(model.resolve())}[/] at {url}  (log: {proc.log_path}); Ctrl-C stops it")
     print(f"export OPAL_VLLM_ENDPOINTS='[\"{url}\"]'", flush=True)
     try:
@@ -841,7 +921,9 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
-        proc.stop()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM/Ctrl-C must not cut the SIGKILL escalation short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        proc.stop(timeout_s=stop_grace_s)
 
 
 @app.command("generate")

@@ -114,8 +114,17 @@ def start_vllm(
     python: Path | None = None,
     timeout_s: float = 300.0,
     attached: bool = True,
+    stop_grace_s: float = 5.0,
 ) -> tuple[ManagedProcess, str]:
-    """Start the server; returns (process, base URL ending in /v1) once /health is 200."""
+    """Start the server; returns (process, base URL ending in /v1) once /health is 200.
+
+    The returned process's ``stop()`` ends the API server and every process it started
+    (engine core, workers, resource tracker), SIGKILLing what ignores SIGTERM, and
+    waits for the port. With ``attached`` (the default) they all die with the calling
+    process even when it is SIGKILLed (see :mod:`opal.embedded`). If start-up fails or
+    is interrupted the server is stopped (grace ``stop_grace_s``) before the error
+    propagates. Not idempotent: each call starts a new server.
+    """
     model_dir = model_dir.resolve()
     if not (model_dir / "config.json").exists():
         raise ServiceStartError(f"{model_dir} is not a model folder (no config.json); build one with `opal model init-tiny`")
@@ -123,22 +132,25 @@ def start_vllm(
     py = model_python(python or settings.python)
     argv = [str(py), "-m", "vllm.entrypoints.openai.api_server", *vllm_argv(settings, model_dir, port)]
     env = vllm_env(settings, run_dir)
-    proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached).start()
+    proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached, port=port).start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise ServiceStartError(f"vLLM exited during start-up. Log tail:\n{proc.log_tail(40)}")
-        if _health(base + "/health"):
-            if settings.device == "cpu" and settings.cpu_colocate_engine and proc.pid is not None:
-                placement = colocate_engine_core(proc.pid)
-                log.info("%s", placement.describe())
-                with proc.log_path.open("a") as f:  # O_APPEND: interleaves safely with the server's own lines
-                    f.write(f"[opal] {placement.describe()}\n")
-            return proc, base + "/v1"
-        time.sleep(0.5)
-    proc.stop()
-    raise ServiceStartError(f"vLLM not healthy after {timeout_s:.0f} s. Log tail:\n{proc.log_tail(40)}")
+    try:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise ServiceStartError(f"vLLM exited during start-up. Log tail:\n{proc.log_tail(40)}")
+            if _health(base + "/health"):
+                if settings.device == "cpu" and settings.cpu_colocate_engine and proc.pid is not None:
+                    placement = colocate_engine_core(proc.pid)
+                    log.info("%s", placement.describe())
+                    with proc.log_path.open("a") as f:  # O_APPEND: interleaves safely with the server's own lines
+                        f.write(f"[opal] {placement.describe()}\n")
+                return proc, base + "/v1"
+            time.sleep(0.5)
+        raise ServiceStartError(f"vLLM not healthy after {timeout_s:.0f} s. Log tail:\n{proc.log_tail(40)}")
+    except BaseException:  # also Ctrl-C / SIGTERM during start-up: never leave a half-started server behind
+        proc.stop(timeout_s=stop_grace_s)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover - manual use: python -m opal.vllm_server MODEL_DIR

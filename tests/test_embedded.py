@@ -7,14 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import redis
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from opal.embedded import EmbeddedStack, read_state
+from opal.embedded import EmbeddedStack, ManagedProcess, free_port, read_state
 from schemas.settings import EmbeddedSettings, KafkaSettings, OpalSettings
 from tests.conftest import REPO, opal_bin
 
@@ -147,3 +148,204 @@ def test_s3_storage_survives_a_broker_kill(tmp_path: Path) -> None:
             broker2.stop()
     finally:
         moto.stop()
+
+
+# -- process hygiene: stop() escalates, children die with a SIGKILLed parent ------------------
+# A server that ignores SIGTERM, holds a port, and starts a helper in a NEW session with an
+# EMPTY environment (no tag: like vLLM's engine core, whose environ setproctitle overwrites).
+_STUBBORN = """
+import os, signal, socket, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+helper = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    start_new_session=True, env={},
+)
+print(helper.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _listening(port: int) -> bool:
+    from opal.embedded import _listening as listening
+
+    return listening(port)
+
+
+def _stubborn(tmp_path: Path, attached: bool = True) -> tuple[ManagedProcess, int, int]:
+    """(process, helper pid, port) once the stubborn server listens and its helper runs."""
+    port = free_port()
+    log = tmp_path / "stubborn.log"
+    mp = ManagedProcess("stubborn", [sys.executable, "-c", _STUBBORN, str(port)], log, attached=attached, port=port).start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (_listening(port) and log.read_text().strip().splitlines()[-1].isdigit()):
+        time.sleep(0.05)
+    helper = int(log.read_text().strip().splitlines()[-1])
+    assert mp.pid and _alive(mp.pid) and _alive(helper) and _listening(port)
+    return mp, helper, port
+
+
+def test_stop_escalates_to_sigkill_within_the_grace_period(tmp_path: Path) -> None:
+    mp, helper, port = _stubborn(tmp_path)
+    assert mp.pid is not None
+    t0 = time.monotonic()
+    mp.stop(timeout_s=1.0)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 3.0, f"stop took {took:.2f} s"
+    assert _wait_dead([mp.pid, helper], timeout_s=0.1) == [], "a SIGTERM-ignoring process survived stop()"
+    assert not _listening(port)
+    mp.stop()  # idempotent
+
+
+def test_an_interrupted_stop_still_sigkills(tmp_path: Path) -> None:
+    """A second Ctrl-C / SIGTERM unwinding through stop() must not skip the escalation."""
+    mp, helper, port = _stubborn(tmp_path)
+    assert mp.pid is not None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        mp.stop(timeout_s=30)
+        raise AssertionError("stop() was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert _wait_dead([mp.pid, helper], timeout_s=2) == []
+    mp.stop()  # what the caller's cleanup (atexit) does next: returns at once
+    assert not _listening(port)
+
+
+_OWNER = """
+import sys, time
+from pathlib import Path
+from tests.test_embedded import _stubborn
+mp, helper, port = _stubborn(Path(sys.argv[1]))
+print(mp.pid, helper, port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_parent_takes_the_whole_tree_with_it(tmp_path: Path) -> None:
+    """Parent SIGKILLed: the SIGTERM-ignoring server (PDEATHSIG SIGKILL) and its helper in
+    another session, without our tag (reaper sweep) die within seconds; the port is freed."""
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert owner.stdout is not None
+    server, helper, port = map(int, owner.stdout.readline().split())
+    reapers = [p for p in _children(owner.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "opal-reaper"]
+    assert len(reapers) == 1
+    time.sleep(1.0)  # the reaper records the tree twice a second
+    owner.kill()
+    owner.wait()
+    assert _wait_dead([server, helper, *reapers], timeout_s=5) == [], "processes outlived a SIGKILLed parent"
+    assert not _listening(port)
+
+
+def test_service_started_from_a_short_lived_thread_outlives_the_thread(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG fires when the forking THREAD exits; start() must not tie the child to it."""
+    box: list[ManagedProcess] = []
+    t = threading.Thread(target=lambda: box.append(_stubborn(tmp_path)[0]))
+    t.start()
+    t.join()
+    mp = box[0]
+    time.sleep(0.5)
+    try:
+        assert mp.alive(), "the service died with the thread that started it"
+    finally:
+        mp.stop(timeout_s=0.5)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+# -- restarting one service of a detached stack -------------------------------------------------
+def _opal(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([opal_bin(), *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def _read_all(bootstrap: str, topic: str, n: int) -> list[bytes]:
+    """Up to ``n`` values of partition 0 from the start (assigned, no group: no rebalance wait)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    got: list[bytes] = []
+    deadline = time.monotonic() + 30
+    while len(got) < n and time.monotonic() < deadline:
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            got.append(m.value())
+    c.close()
+    return sorted(got)
+
+
+def test_dev_restart_kafka_on_s3_keeps_address_and_records(cli_env: dict[str, str]) -> None:
+    from opal.embedded import kill_service, restart_service
+
+    run_dir = Path(cli_env["OPAL_EMBEDDED_RUN_DIR"])
+    up = _opal(cli_env, "dev", "up", "--storage", "s3")
+    assert up.returncode == 0, up.stdout + up.stderr
+    state = read_state(run_dir)
+    assert state is not None and state["storage"] == "s3" and all(state["alive"].values())
+    every_pid = {p["pid"] for p in state["processes"]}
+    ports = [p["port"] for p in state["processes"]]
+    bootstrap = state["kafka_bootstrap"]
+    try:
+        admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference: a collected client fails its futures
+        admin.create_topics([NewTopic("durable", 1, 1)])["durable"].result(timeout=10)
+        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        for i in range(5):
+            p.produce("durable", key=str(i).encode(), value=f"v{i}".encode())
+        assert p.flush(15) == 0
+        expected = [f"v{i}".encode() for i in range(5)]
+        old_broker = next(x["pid"] for x in state["processes"] if x["name"] == "tansu")
+
+        # 1. the CLI restart: same bootstrap, new pid, records still there
+        r = _opal(cli_env, "dev", "restart", "kafka")
+        assert r.returncode == 0, r.stdout + r.stderr
+        state = read_state(run_dir)
+        assert state is not None and state["kafka_bootstrap"] == bootstrap and all(state["alive"].values())
+        tansu = next(x for x in state["processes"] if x["name"] == "tansu")
+        assert tansu["pid"] != old_broker and tansu["restarts"] == 1 and not _alive(old_broker)
+        every_pid.add(tansu["pid"])
+        assert _read_all(bootstrap, "durable", 5) == expected
+        st = _opal(cli_env, "dev", "status")
+        assert st.returncode == 0 and str(tansu["pid"]) in st.stdout and "no" not in st.stdout.split()
+
+        # 2. the chaos path, from Python: kill -9 the broker, status shows it down, restart it
+        assert kill_service(run_dir, "kafka") == [tansu["pid"]]
+        assert _wait_dead([tansu["pid"]]) == []
+        down = read_state(run_dir)
+        assert down is not None and down["alive"]["tansu"] is False
+        new = restart_service(run_dir, "kafka")
+        assert new.pid is not None and new.pid != tansu["pid"] and f"127.0.0.1:{new.port}" == bootstrap
+        every_pid.add(new.pid)
+        assert _read_all(bootstrap, "durable", 5) == expected
+
+        # 3. `dev up` on a half-dead stack restarts only what is down, in place
+        kill_service(run_dir, "redis")
+        healed = _opal(cli_env, "dev", "up")
+        assert healed.returncode == 0 and "restarted on the recorded ports: valkey" in healed.stdout, healed.stdout
+        state = read_state(run_dir)
+        assert state is not None and all(state["alive"].values()) and state["kafka_bootstrap"] == bootstrap
+        every_pid |= {x["pid"] for x in state["processes"]}
+    finally:
+        down_r = _opal(cli_env, "dev", "down")
+    assert down_r.returncode == 0 and "tansu" in down_r.stdout and "valkey" in down_r.stdout and "moto" in down_r.stdout
+    assert _wait_dead(sorted(every_pid)) == [], "a process of the stack outlived `opal dev down`"
+    assert read_state(run_dir) is None
+    assert not any(_listening(port) for port in ports)

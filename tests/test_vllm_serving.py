@@ -140,6 +140,96 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _start_serve(tiny_model: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """`opal serve` on a free port as a subprocess; (process, base URL) once it printed its endpoint."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+    env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
+    env["OPAL_REAPER_LOG"] = str(tmp_path / "reaper.log")
+    serve = subprocess.Popen(
+        [opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
+    )
+    assert serve.stdout is not None
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        line = serve.stdout.readline()
+        if line.startswith("export OPAL_VLLM_ENDPOINTS="):
+            return serve, json.loads(line.split("=", 1)[1].strip().strip("'"))[0]
+        if not line and serve.poll() is not None:
+            break
+    serve.kill()
+    raise AssertionError("opal serve did not come up")
+
+
+def test_sigkilled_serve_under_load_takes_every_vllm_process_and_the_port_with_it(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 9.6: `opal serve` dies abruptly (SIGKILL, no Python cleanup) while requests are
+    in flight. The API server (PDEATHSIG SIGKILL), its engine core, worker and resource
+    tracker (reaper sweep: they are not its children and setproctitle hides their
+    environment) must all be gone within seconds, and the port free."""
+    from opal.embedded import _listening
+
+    serve, url = _start_serve(tiny_model, tmp_path)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        tree = descendants(serve.pid)
+        names = {p: process_name(p) for p in tree}
+        assert {"VLLM::EngineCor", "VLLM::Worker", "opal-reaper"} <= set(names.values()), names
+        engine = {p for p, name in names.items() if name.startswith("VLLM::")}
+        assert _listening(port)
+        img = load_samples()[0].image.read_bytes()
+
+        async def load_then_kill() -> list[Any]:
+            async with ListingClient([url], max_concurrency=16, max_retries=0, timeout_s=30) as c:
+                tasks = [asyncio.create_task(c.generate([img], "shoes")) for _ in range(64)]
+                while sum(t.done() for t in tasks) < 2:
+                    await asyncio.sleep(0.01)
+                kill_time.append(time.time())
+                os.kill(serve.pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                assert time.monotonic() - t0 < 10, "requests kept running: the API server outlived its parent"
+                return results
+
+        kill_time: list[float] = []
+        asyncio.run(load_then_kill())  # every request fails fast once the API server is gone
+        serve.wait(timeout=10)
+        # the reaper SIGKILLs the engine core and worker at once ...
+        reaper_log = tmp_path / "reaper.log"
+        deadline = time.monotonic() + 10
+        swept: float | None = None
+        while swept is None and time.monotonic() < deadline:
+            for line in reaper_log.read_text().splitlines() if reaper_log.exists() else []:
+                if "SIGKILLed" in line and engine <= set(map(int, line.split("[", 1)[1].rstrip("]").split(", "))):
+                    swept = float(line.split()[0])
+            time.sleep(0.1)
+        log_text = reaper_log.read_text() if reaper_log.exists() else "(no reaper log)"
+        assert swept is not None and swept - kill_time[0] < 3, f"engine processes {engine} not swept promptly:\n{log_text}"
+        # ... and they are gone soon after (a multi-GB process takes a moment to tear down on 2 busy cores)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (any(_alive(p) for p in tree) or _listening(port)):
+            time.sleep(0.1)
+        left = {p: process_name(p) for p in tree if _alive(p)}
+        assert not left, f"processes outlived a SIGKILLed `opal serve`: {left}; reaper log:\n{log_text}"
+        assert not _listening(port), "the port is still held"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+
+
 def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
     env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
@@ -157,7 +247,7 @@ def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_
             elif not line and serve.poll() is not None:
                 break
         assert url, "opal serve did not come up"
-        vllm_pids = _children(serve.pid)
+        vllm_pids = [p for p in _children(serve.pid) if "vllm" in _cmdline(p)]  # not opal serve's reaper
         assert vllm_pids
         img = load_samples()[0].image.read_bytes()
 
