@@ -45,6 +45,9 @@ from schemas.errors import ErrorKind, OpalError
 from schemas.events import ModelInfo, SchemaCheck
 from schemas.retry import Backoff
 
+NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
+"""Penalty values that change nothing; the client sends a penalty only when set away from these."""
+
 CONNECTIONS_PER_POOL = 8
 """Requests one httpx pool carries at once; the client opens ``ceil(max_concurrency / 8)`` pools."""
 
@@ -189,6 +192,8 @@ class ListingClient:
         max_image_pixels: int = 40_000_000,
         logprobs: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
+        repetition_penalty: float = 1.0,
+        frequency_penalty: float = 0.0,
     ) -> None:
         if not endpoints:
             raise ValueError("ListingClient needs at least one endpoint")
@@ -206,6 +211,9 @@ class ListingClient:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.logprobs = logprobs
+        self.penalties = {
+            k: v for k, v in (("repetition_penalty", repetition_penalty), ("frequency_penalty", frequency_penalty)) if v != NEUTRAL[k]
+        }
         self.stats = ClientStats()
         self._pools: list[httpx.AsyncClient] = []
         self._pool_load: list[int] = []
@@ -257,6 +265,7 @@ class ListingClient:
             }
             if self.logprobs:
                 body["logprobs"] = True
+            body.update(self.penalties)  # only those set away from neutral: any OpenAI-compatible server accepts the rest
             t0 = time.perf_counter()
             resp, endpoint, attempts = await self._request_with_retry("POST", "/chat/completions", body)
             return resp, endpoint, attempts, queued_ms, (time.perf_counter() - t0) * 1000

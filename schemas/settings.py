@@ -279,7 +279,13 @@ class VllmSettings(BaseModel):
         description="In-flight requests per client across endpoints; keep it above the servers' max-num-seqs so every engine step "
         "finds the next requests queued (bench/bench_serving.py runs at 2x).",
     )
-    max_retries: int = Field(3, ge=0, description="Retries on connection errors and 5xx, with exponential backoff.")
+    max_retries: int = Field(
+        3, ge=0, description="Retries of standalone clients (CLI passes) on connection errors and 5xx; workers fail over only."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, le=2.0, description="vLLM repetition_penalty on every request (1.0 = off); >1 stops small models looping."
+    )
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI frequency_penalty on every request (0 = off).")
     # flags for the server process (`opal serve`); CPU defaults, GPU values in deploy/
     device: Literal["cpu", "cuda"] = Field("cpu", description="Where the server runs; selects the flag set.")
     dtype: str = Field("bfloat16", description="--dtype.")

@@ -75,6 +75,22 @@ def test_success_parses_listing_confidence_and_model() -> None:
     assert body["response_format"]["json_schema"]["schema"]["properties"]["aspects"]["additionalProperties"] is False
     assert body["messages"][1]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
     assert body["logprobs"] is True and body["temperature"] == 0.0
+    assert "repetition_penalty" not in body and "frequency_penalty" not in body  # neutral values are not sent
+
+
+def test_penalties_set_per_deployment_reach_every_request() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(req.content))
+        return httpx.Response(200, json=completion(GOOD))
+
+    async def go() -> Any:
+        async with make(handler, repetition_penalty=1.15, frequency_penalty=0.3) as c:
+            return await c.generate([IMG], "shoes")
+
+    run(go())
+    assert seen[0]["repetition_penalty"] == 1.15 and seen[0]["frequency_penalty"] == 0.3
 
 
 def test_confidence_tracks_value_tokens() -> None:

@@ -745,6 +745,8 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
         backoff_base_s=0.0,
         max_image_bytes=w.image_max_bytes,
         max_image_pixels=w.image_max_pixels,
+        repetition_penalty=settings.vllm.repetition_penalty,
+        frequency_penalty=settings.vllm.frequency_penalty,
     )
     loader = ImageLoader(
         w.allowed_file_root,
