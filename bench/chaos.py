@@ -156,7 +156,9 @@ class Scenario:
         return w
 
     def drain(self, timeout_s: float = 600) -> None:
-        """Run one last worker until it has been idle for 5 s (everything handed back is done)."""
+        """Stop the running workers gracefully (they hand back what they hold), then run one last
+        worker until it has been idle for 5 s: after that everything published has been processed."""
+        self.stop_workers()
         w = self.start_worker(idle_exit=5)
         try:
             rc = w.wait(timeout=timeout_s)

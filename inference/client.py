@@ -44,6 +44,7 @@ from schemas.category import CategoryRegistry, CategorySchema, default_categorie
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import ModelInfo, SchemaCheck
 from schemas.retry import Backoff
+from schemas.settings import mask_url
 
 NEUTRAL = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
 """Penalty values that change nothing; the client sends a penalty only when set away from these."""
@@ -306,22 +307,33 @@ class ListingClient:
         return await self._served_model_with_retry()
 
     async def probe(self) -> None:
-        """One GET /models per endpoint, no retries or sleeping; returns when any answers 2xx.
+        """Does the model generate? One one-token text completion per endpoint (after GET /models
+        when the model name is not known yet), no retries or sleeping; returns when any succeeds.
 
-        Raises :class:`InferenceUnavailableError` when none does. Used by circuit breakers.
+        A generation, not a listing of models: an engine that lists models but cannot generate
+        (dead engine core, wrong model name, auth, a rate-limiting gateway) is still down.
+        Raises :class:`InferenceUnavailableError` when no endpoint succeeds. Used by circuit breakers.
         """
         assert self._pools, "use `async with ListingClient(...)`"
         errors: list[str] = []
+        timeout = min(10.0, self.timeout_s)
         for ep in self._endpoints:
+            shown = mask_url(ep.url)
             try:
-                r = await self._pools[0].get(f"{ep.url}/models", headers=self._headers, timeout=min(5.0, self.timeout_s))
-            except (httpx.TransportError, httpx.TimeoutException) as e:
-                errors.append(f"{ep.url}: {type(e).__name__}")
+                model = self._model
+                if model is None:
+                    r = await self._pools[0].get(f"{ep.url}/models", headers=self._headers, timeout=timeout)
+                    r.raise_for_status()
+                    model = str(r.json()["data"][0]["id"])
+                body = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0.0}
+                r = await self._pools[0].post(f"{ep.url}/chat/completions", json=body, headers=self._headers, timeout=timeout)
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+                errors.append(f"{shown}: {type(e).__name__}")
                 continue
             if r.status_code < 400:
                 ep.down_until = 0.0
                 return
-            errors.append(f"{ep.url}: HTTP {r.status_code}")
+            errors.append(f"{shown}: HTTP {r.status_code}")
         raise InferenceUnavailableError(f"model probe failed: {'; '.join(errors)}")
 
     async def _served_model_with_retry(self) -> str:
@@ -346,13 +358,13 @@ class ListingClient:
             try:
                 r = await self._pools[slot].request(method, f"{ep.url}{path}", json=body, headers=self._headers)
             except (httpx.TransportError, httpx.TimeoutException) as e:
-                last_error = f"{ep.url}: {type(e).__name__}: {e}"
+                last_error = f"{mask_url(ep.url)}: {type(e).__name__}: {mask_url(str(e))}"
             else:
                 if r.status_code < 400:
                     return r.json(), ep.url, attempt
                 if r.status_code not in OUTAGE_STATUSES and r.status_code < 500:
-                    raise InferenceRejectedError(f"{ep.url}{path} answered HTTP {r.status_code}: {r.text[:500]}")
-                last_error = f"{ep.url}: HTTP {r.status_code}: {r.text[:200]}"
+                    raise InferenceRejectedError(f"{mask_url(ep.url)}{path} answered HTTP {r.status_code}: {r.text[:500]}")
+                last_error = f"{mask_url(ep.url)}: HTTP {r.status_code}: {r.text[:200]}"
             finally:
                 ep.outstanding -= 1
                 self._pool_load[slot] -= 1

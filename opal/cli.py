@@ -338,42 +338,62 @@ def eval_score(
 @eval_app.command("run")
 def eval_run(
     endpoint: Annotated[str, typer.Option(help="OpenAI-compatible base URL (ending in /v1) serving the model under test.")],
-    data: Annotated[Path, typer.Option(help="ABO-format folder (listings.jsonl + images/).")] = SAMPLE_DIR,
+    data: Annotated[Path, typer.Option(help="ABO-format folder (listings.jsonl + images/) whose split is scored.")],
     split: Annotated[str, typer.Option(help="train, validation, test or all (all includes train items).")] = "test",
+    train_data: Annotated[
+        Path | None, typer.Option(help="ABO-format folder whose train split fits the baselines (default: the train split of --data).")
+    ] = None,
+    allow_in_sample: Annotated[
+        bool, typer.Option(help="Allow scoring items the baselines were fitted on (refused by default; the report says so).")
+    ] = False,
+    swap_control: Annotated[
+        bool, typer.Option(help="Also generate every item with another item's photo of its category (doubles the requests).")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the within-category photo swap.")] = 0,
     limit: Annotated[int | None, typer.Option(min=1, help="Score at most this many items of the split.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for predictions, references, report.json/.md and metrics.png.")] = Path(".opal/eval"),
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight.")] = 16,
 ) -> None:
-    """Generate listings for a split through ENDPOINT and score them beside a majority baseline (training/evaluate.py)."""
+    """Score a split through ENDPOINT beside majority and retrieval baselines and an image-swap control (training/evaluate.py)."""
     import asyncio
 
     from rich.progress import Progress
 
     from opal.plots import bars_png
-    from training.evaluate import METRICS, EvalConfig, run_eval, write_eval
+    from training.evaluate import PLOT_NOTE, EvalConfig, plot_series, run_eval, tables, write_eval
 
     if split not in ("train", "validation", "test", "all"):
         console.print(f"[red]unknown split {split!r}[/] (train, validation, test, all)")
         raise typer.Exit(2)
-    config = EvalConfig(data=data, endpoint=endpoint, split=split, limit=limit, concurrency=concurrency)  # type: ignore[arg-type]
+    config = EvalConfig(
+        data=data,
+        endpoint=endpoint,
+        split=split,  # type: ignore[arg-type]
+        limit=limit,
+        concurrency=concurrency,
+        train_data=train_data,
+        allow_in_sample=allow_in_sample,
+        swap_control=swap_control,
+        seed=seed,
+        repetition_penalty=_settings().vllm.repetition_penalty,  # the deployment's decoding, not the client's defaults
+        frequency_penalty=_settings().vllm.frequency_penalty,
+    )
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("generating", total=None)
         try:
             result = asyncio.run(run_eval(config, progress=lambda done, total: bar.update(task, completed=done, total=total)))
-        except (ValueError, OSError, OpalError) as e:  # no items, unreadable data, endpoint down
-            console.print(f"[red]{e}[/]")
+        except (ValueError, OSError, OpalError) as e:  # no items, in-sample baselines, unreadable data, endpoint down
+            console.print(f"[red]{e}[/]", highlight=False)
             raise typer.Exit(2) from None
     paths = write_eval(result, out)
-    png = bars_png(
-        METRICS,
-        {system: [float(summary[m]) for m in METRICS] for system, summary in result.table()},
-        out / "metrics.png",
-        f"{result.model} on {data.name}/{split} ({len(result.references)} items)",
-    )
-    t = Table("system", *METRICS, title=f"{result.model}: {len(result.references)} items of {data.name}/{split}")
-    for system, summary in result.table():
-        t.add_row(system, *(f"{float(summary[m]):.3f}" for m in METRICS))
-    console.print(t)
+    groups, series = plot_series(result)
+    title = f"{result.model} on {data.name}/{split} ({len(result.references)} items); {PLOT_NOTE}"
+    png = bars_png(groups, series, out / "metrics.png", title)
+    for t in tables(result):
+        rt = Table(*t.headers, title=t.title, caption=t.note or None)
+        for row in t.rows:
+            rt.add_row(*row)
+        console.print(rt)
     console.print(f"rejected outputs: {result.rejected} · failed requests: {result.failed}")
     console.print("wrote " + ", ".join(str(x) for x in [*paths, png]), highlight=False)
 
@@ -944,7 +964,14 @@ def generate(
         raise typer.Exit(2)
 
     async def run() -> Any:
-        async with ListingClient(endpoints, model=s.vllm.model, timeout_s=s.vllm.request_timeout_s, max_retries=s.vllm.max_retries) as c:
+        async with ListingClient(
+            endpoints,
+            model=s.vllm.model,
+            timeout_s=s.vllm.request_timeout_s,
+            max_retries=s.vllm.max_retries,
+            repetition_penalty=s.vllm.repetition_penalty,
+            frequency_penalty=s.vllm.frequency_penalty,
+        ) as c:
             return await c.generate([image.read_bytes()], category)
 
     try:

@@ -48,13 +48,19 @@ def histogram_png(series: dict[str, Sequence[float]], path: Path, title: str, un
 
 
 def bars_png(groups: Sequence[str], series: dict[str, Sequence[float]], path: Path, title: str, top: float = 1.0) -> Path:
-    """Grouped bars: one group per label in ``groups`` (e.g. a metric), one bar per series (e.g. a system)."""
-    w, h, pad = 900, 480, 60
+    """Grouped bars: one group per label in ``groups`` (e.g. a metric), one bar per series (e.g. a system).
+
+    The chart widens with the number of groups (at least 130 px each) so labels stay apart,
+    and the legend sits in a band above the bars, never over them.
+    """
+    pad = 60
+    y_top = max(pad, 44 + 18 * len(series))  # legend band
+    w, h = max(900, 120 + 130 * len(groups)), 420 + y_top
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     d.text((pad, 15), title, fill="black")
     d.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
-    d.line([(pad, pad), (pad, h - pad)], fill="black")
+    d.line([(pad, y_top), (pad, h - pad)], fill="black")
     gw = (w - 2 * pad) / max(1, len(groups))
     bw = gw * 0.8 / max(1, len(series))
     for gi, label in enumerate(groups):
@@ -63,14 +69,14 @@ def bars_png(groups: Sequence[str], series: dict[str, Sequence[float]], path: Pa
         for si, (_name, values) in enumerate(series.items()):
             v = max(0.0, min(top, float(values[gi])))
             x0 = x_group + si * bw
-            y0 = h - pad - (h - 2 * pad) * v / top
+            y0 = h - pad - (h - pad - y_top) * v / top
             d.rectangle([x0, y0, x0 + bw - 2, h - pad], fill=COLOURS[si % len(COLOURS)])
             d.text((x0, y0 - 14), f"{float(values[gi]):.2f}", fill="black")
     for si, name in enumerate(series):
         d.rectangle([w - 250, 20 + 18 * si, w - 238, 32 + 18 * si], fill=COLOURS[si % len(COLOURS)])
         d.text((w - 230, 20 + 18 * si), name, fill="black")
     for k in range(5):
-        y = h - pad - (h - 2 * pad) * k / 4
+        y = h - pad - (h - pad - y_top) * k / 4
         d.text((10, y - 6), f"{top * k / 4:.2f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)

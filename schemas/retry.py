@@ -13,16 +13,21 @@ with jitter so that many workers do not retry in step). The layers and their bud
    and may pass next time (an image host answering 5xx for one URL, the schema registry
    refusing a lookup) is retried ``OPAL_WORKER_MAX_ATTEMPTS`` times with
    ``Backoff(OPAL_WORKER_RETRY_BACKOFF_S, OPAL_WORKER_RETRY_BACKOFF_MAX_S)``, then
-   dead-lettered with its attempt count. A record therefore costs at most
-   ``max_attempts x endpoints`` model calls.
+   dead-lettered with its attempt count. Between two outages a record therefore costs at
+   most ``max_attempts x endpoints`` model calls (an outage wait gives it a full budget again,
+   since failures just before an outage were most likely the outage).
 3. **Dependency outages** (every stream worker): when a dependency (the model, an image host,
    Redis) fails for ``OPAL_WORKER_BREAKER_FAILURES`` consecutive records, or when a record
    would exhaust its attempts and nothing answered since its first failure, the dependency's
    circuit breaker (:mod:`workers.circuit`) opens: the worker pauses its partitions, records
    already held wait (their attempts do not count), and the dependency is probed with
    ``Backoff(OPAL_WORKER_BREAKER_PROBE_S, OPAL_WORKER_BREAKER_PROBE_MAX_S)`` until it answers.
-   An outage never produces a dead letter; a record is dead-lettered for a dependency error
-   only when the dependency answered others (or a probe) after the record first failed.
+   An outage of the model never produces a dead letter; a record is dead-lettered for a
+   dependency error only when the dependency answered (others, or a probe: a one-token
+   generation for the model) after the record first failed. An image host that stays down
+   longer than ``OPAL_WORKER_IMAGE_HOST_MAX_WAIT_S`` dead-letters its records
+   (``image_fetch_failed``): a host can disappear for good, the model cannot. The indexer and
+   the agents have no other records to compare with: they probe by retrying the operation.
 
 Retries never stack across layers beyond these products; nothing else in the code retries.
 """

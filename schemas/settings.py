@@ -335,10 +335,13 @@ class WorkerSettings(BaseModel):
     )
     breaker_probe_s: float = Field(1.0, gt=0, description="First probe of an open breaker's dependency; doubles per failed probe.")
     breaker_probe_max_s: float = Field(30.0, gt=0, description="Longest wait between probes of a dependency that is down.")
+    image_host_max_wait_s: float = Field(
+        600.0, gt=0, description="How long records wait for an image host that is down before they are dead-lettered."
+    )
     dead_letter_max_value_bytes: int = Field(
         256 * 1024,
         ge=0,
-        le=900_000,
+        le=512 * 1024,
         description="Raw value bytes kept in a DeadLetter; longer values are cut (size and SHA-256 of the whole are kept).",
     )
     max_model_latency_s: float = Field(

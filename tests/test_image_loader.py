@@ -135,6 +135,12 @@ def test_every_os_error_becomes_a_typed_rejection(tmp_path: Path, path: str, exp
     assert expect in str(ei.value) and len(str(ei.value)) < 1000 and not ei.value.retriable
 
 
+@pytest.mark.parametrize("uri", ["http://localhost:99999/a.jpg", "http://localhost:abc/a.jpg", "http://[::1/a.jpg"])
+def test_unparsable_uris_are_typed_rejections(uri: str) -> None:
+    with pytest.raises(ImageRejectedError, match="unparsable image URI"):
+        _load(_loader(hosts=["localhost"]), uri)
+
+
 def test_probe_says_whether_a_host_answers(http_base: str) -> None:
     async def go(dep: str) -> None:
         loader = _loader(hosts=["localhost", "127.0.0.1"])

@@ -134,6 +134,17 @@ def test_redis_down_stores_no_offsets_and_a_restart_catches_up(isettings: OpalSe
     assert st.indexed == 5 and index_of(s).search({"Color": "white"})[0] == 5
 
 
+def test_a_record_redis_refuses_is_dead_lettered_not_retried_forever(isettings: OpalSettings) -> None:
+    s = isettings
+    idx = index_of(s)
+    idx.r.set(f"{idx.prefix}t:a:color=red", "not a set")  # the script's SADD to it: a WRONGTYPE reply
+    publish(s, s.topics.aspects, [record(aspect_event("W1", "Bag", Color="red")), record(aspect_event("W2", "Bag", Color="blue"))])
+    st = run_indexer(s, f"idx-{uuid.uuid4().hex[:6]}")
+    assert (st.indexed, st.dead_lettered) == (1, 1)  # Redis answered: the record, not an outage
+    dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter), 1)
+    assert [(k, d.error_kind) for k, d in dead] == [(b"W1", "internal_error")] and "WRONGTYPE" in dead[0][1].error_message
+
+
 def test_cli_index_and_search(isettings: OpalSettings, cli_env: dict[str, str]) -> None:
     s = isettings
     publish(s, s.topics.aspects, [record(aspect_event("C1", "Nike white tote", Color="white", Brand="Nike"))])

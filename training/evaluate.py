@@ -1,20 +1,40 @@
-"""Evaluation run: a served model vs. baselines on a split of ABO-format data, scored with the paper's metrics.
+"""Evaluation run: a served model vs. baselines and an image-swap control, scored with the paper's metrics.
 
 :func:`run_eval` generates one listing per item of the chosen split through an
 OpenAI-compatible endpoint (the serving prompt, schema-constrained) and scores it with
-:func:`training.metrics.score` against the catalogue reference. Beside the model it
-scores a **majority baseline** fitted on the *train* split only: per category, the
-commonest value of each aspect that most train items of the category have, and the
-train title with the highest mean ROUGE-L F1 to the category's other train titles. A
-model that does not beat it has learnt nothing from the image.
+:func:`training.metrics.score` against the catalogue reference, beside:
+
+- a **majority baseline**: per category, the commonest value of each aspect that most
+  fitting items of the category have, and the fitting title with the highest mean
+  ROUGE-L F1 to the category's other fitting titles;
+- a **retrieval baseline** (:mod:`training.retrieval`): the listing (title + aspects) of
+  the fitting item of the same category whose photo is nearest by a cheap embedding;
+- an **image-swap control** ("model, photos swapped"): the same items generated again
+  with their photos permuted within category (:func:`derangement`). A model that reads
+  the photo scores lower with swapped photos; the report gives the deltas (true minus
+  swapped) and how many outputs did not change at all.
+
+Honesty rules
+- The baselines are fitted on the *train* split of ``train_data`` (default: of ``data``;
+  the split is grouped, so test/validation items never share a group with it). If any
+  scored item is in the fitting set (same item id), :func:`run_eval` raises
+  :class:`InSampleError` before any request unless ``allow_in_sample`` is set; the report
+  then says "baseline fitted in-sample". Scored items whose title group occurs in the
+  fitting set are counted too (``group_overlap``).
+- JSON validity and schema recall are reported but marked "guaranteed by constrained
+  decoding": under json_schema structured output they are 1.0 for any weights.
+- Per-aspect accuracy (Color, Material and every aspect in >= 5% of the references) and
+  distinct titles per category are reported for every system (definitions in
+  :mod:`training.metrics`).
 
 Contract
 - Model failures are outputs, not crashes: a listing the client rejects is scored on its
   raw text (invalid JSON scores 0 on aspects); an endpoint that stays down counts the
   item as ``failed`` with an empty prediction. Nothing is skipped silently: the report
-  says how many items failed.
-- Deterministic for a given data folder, split and model (temperature 0; the split is a
-  hash of the item's title group, see :func:`training.abo.split_of`).
+  says how many items failed, for the true and the swapped photos separately.
+- Deterministic for a given data folder, fitting folder, split, seed and model
+  (temperature 0; the split is a hash of the item's title group, see
+  :func:`training.abo.split_of`; the swap is seeded per category).
 - :func:`write_eval` writes ``predictions.jsonl``, ``references.jsonl``, ``report.json``
   and ``report.md`` under the output folder (overwriting them: re-running is safe).
 """
@@ -23,8 +43,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,40 +54,118 @@ from inference.client import InferenceRejectedError, InferenceUnavailableError, 
 from inference.images import ImageRejectedError
 from inference.output import InvalidOutputError
 from schemas.category import CategoryRegistry, default_categories
-from training.abo import ListingRecord, load_abo, split_of
-from training.metrics import Report, canonical_json, rouge_l_f1, score
+from training.abo import ListingRecord, group_key, load_abo, split_of
+from training.metrics import (
+    AspectAccuracy,
+    Report,
+    aspect_accuracy,
+    canonical_json,
+    distinct_titles,
+    report_aspects,
+    rouge_l_f1,
+    score,
+)
+from training.retrieval import RetrievalBaseline
 
 SplitName = Literal["train", "validation", "test", "all"]
 MEDOID_SAMPLE = 300  # train titles per category compared pairwise for the baseline title
-METRICS = ("rouge_l_f1", "aspect_f1", "schema_recall", "json_valid", "exact_match")
+MODEL = "model"
+SWAPPED = "model, photos swapped"
+MAJORITY = "majority baseline"
+RETRIEVAL = "retrieval baseline"
+REFERENCE = "reference"
+# headline columns, systems x metrics; colour_accuracy is aspect accuracy for Color
+METRICS = ("rouge_l_f1", "aspect_f1", "colour_accuracy", "exact_match", "json_valid", "schema_recall")
+GUARANTEED = ("json_valid", "schema_recall")  # hold by construction under json_schema structured output
+PLOT_NOTE = "* guaranteed by constrained decoding"
+GUARANTEED_NOTE = "guaranteed by constrained decoding (json_schema structured output): 1.0 for any weights, proves nothing about the model"
+
+Value = float | int | None
+
+
+class InSampleError(ValueError):
+    """Scored items are in the baselines' fitting set and in-sample fitting was not allowed."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate; every field documents itself."""
 
-    data: Path = field(metadata={"help": "Folder with listings.jsonl and images/ in the ABO format (e.g. data/sample)."})
+    data: Path = field(metadata={"help": "Folder with listings.jsonl and images/ in the ABO format (the items to score)."})
     endpoint: str = field(metadata={"help": "OpenAI-compatible base URL ending in /v1 serving the model under test."})
     split: SplitName = field(default="test", metadata={"help": "Which split to score; `all` includes train items (not held out)."})
     limit: int | None = field(default=None, metadata={"help": "Score at most this many items of the split (first by item id)."})
     concurrency: int = field(default=16, metadata={"help": "Requests in flight."})
     max_tokens: int = field(default=256, metadata={"help": "Most generated tokens per listing."})
     timeout_s: float = field(default=120.0, metadata={"help": "Per-request timeout."})
+    train_data: Path | None = field(default=None, metadata={"help": "ABO folder whose train split fits the baselines (default: data)."})
+    allow_in_sample: bool = field(default=False, metadata={"help": "Allow scored items inside the baselines' fitting set."})
+    swap_control: bool = field(default=True, metadata={"help": "Also generate with photos swapped within category (2x requests)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the within-category photo swap."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "vLLM repetition_penalty (1.0 = off), as the deployment sets it."})
+    frequency_penalty: float = field(default=0.0, metadata={"help": "OpenAI frequency_penalty (0 = off), as the deployment sets it."})
 
 
 @dataclass
 class EvalResult:
+    """Everything a run measured; :func:`tables`, :func:`markdown` and :func:`write_eval` render it."""
+
     config: EvalConfig
     model: str
-    n_train: int
+    n_train: int  # fitting items (train split of the fitting folder)
     references: list[dict[str, object]]
     predictions: dict[str, dict[str, str]]  # system -> item id -> raw output
     reports: dict[str, Report]
-    failed: int = 0
+    failed: int = 0  # model, true photos
     rejected: int = 0
+    swapped_failed: int = 0
+    swapped_rejected: int = 0
+    in_sample: int = 0  # scored items that are in the fitting set
+    group_overlap: int = 0  # scored items whose title group occurs in the fitting set
+    swap: dict[str, str] = field(default_factory=dict)  # item id -> id of the item whose photo it got
+    neighbours: dict[str, str] = field(default_factory=dict)  # item id -> retrieved training item id
+    retrieval_skipped: int = 0  # unreadable training photos
+    aspect_names: list[str] = field(default_factory=list)
+    accuracy: dict[str, dict[str, AspectAccuracy]] = field(default_factory=dict)  # system -> aspect -> accuracy
+    titles: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # system or "reference" -> category -> (distinct, n)
 
-    def table(self) -> list[tuple[str, dict[str, float | int]]]:
-        return [(system, r.summary()) for system, r in self.reports.items()]
+    @property
+    def fit_source(self) -> Path:
+        return self.config.train_data or self.config.data
+
+    @property
+    def identical_under_swap(self) -> int:
+        """Swapped items whose output with another item's photo is byte-identical to the one with their own."""
+        swapped = self.predictions.get(SWAPPED, {})
+        return sum(swapped.get(i) == self.predictions[MODEL].get(i) for i in self.swap)
+
+    def table(self) -> list[tuple[str, dict[str, Value]]]:
+        """(system, summary) per system: :meth:`Report.summary` plus colour accuracy and distinct titles."""
+        out = []
+        for system, r in self.reports.items():
+            colour = self.accuracy.get(system, {}).get("Color")
+            extra: dict[str, Value] = {
+                "colour_accuracy": colour.accuracy if colour else None,
+                "distinct_titles": sum(d for d, _ in self.titles.get(system, {}).values()),
+            }
+            out.append((system, {**r.summary(), **extra}))
+        return out
+
+    def deltas(self) -> dict[str, float | None]:
+        """Metric -> model with true photos minus model with swapped photos.
+
+        Empty without the control; all None when no item could be swapped (the control measured nothing).
+        """
+        if SWAPPED not in self.reports:
+            return {}
+        if not self.swap:
+            return dict.fromkeys(METRICS)
+        rows = dict(self.table())
+        return {m: _minus(rows[MODEL][m], rows[SWAPPED][m]) for m in METRICS}
+
+
+def _minus(a: Value, b: Value) -> float | None:
+    return None if a is None or b is None else float(a) - float(b)
 
 
 def select(records: Sequence[ListingRecord], split: SplitName, limit: int | None) -> list[ListingRecord]:
@@ -75,7 +174,7 @@ def select(records: Sequence[ListingRecord], split: SplitName, limit: int | None
 
 
 def majority_baseline(train: Sequence[ListingRecord]) -> Callable[[ListingRecord], str]:
-    """Per-category constant listing from the train split (see the module docstring)."""
+    """Per-category constant listing from the fitting records (see the module docstring)."""
     by_cat: dict[str, list[ListingRecord]] = defaultdict(list)
     for r in train:
         by_cat[r.category].append(r)
@@ -93,10 +192,68 @@ def majority_baseline(train: Sequence[ListingRecord]) -> Callable[[ListingRecord
     return lambda r: listing.get(r.category, empty)
 
 
-async def _generate(client: ListingClient, record: ListingRecord) -> tuple[str, str]:
-    """(raw output, outcome) where outcome is ok, rejected (client refused the output) or failed."""
+def retrieval_predictions(baseline: RetrievalBaseline, items: Sequence[ListingRecord]) -> tuple[dict[str, str], dict[str, str]]:
+    """(item id -> copied listing JSON, item id -> retrieved item id); no neighbour: the empty listing, no id."""
+    outputs: dict[str, str] = {}
+    neighbours: dict[str, str] = {}
+    for r in items:
+        hit = baseline.nearest(r.category, r.image)
+        outputs[r.item_id] = canonical_json(hit.title, hit.aspects) if hit else canonical_json("", {})
+        if hit:
+            neighbours[r.item_id] = hit.item_id
+    return outputs, neighbours
+
+
+def derangement(items: Sequence[ListingRecord], seed: int = 0) -> dict[str, str]:
+    """Item id -> id of the item (same category) whose photo it gets in the swap control.
+
+    Within each category with >= 2 items the ids (sorted) are shuffled by
+    ``Random(f"{seed}:{category}")`` and each takes the next one's photo (one cycle), so no
+    item keeps its own and the result does not depend on the input order. Items alone in
+    their category are absent (they keep their photo). Item ids must be unique.
+    """
+    by_cat: dict[str, list[str]] = defaultdict(list)
+    for r in items:
+        by_cat[r.category].append(r.item_id)
+    out: dict[str, str] = {}
+    for cat in sorted(by_cat):
+        ids = sorted(by_cat[cat])
+        if len(ids) < 2:
+            continue
+        random.Random(f"{seed}:{cat}").shuffle(ids)
+        out.update({ids[i]: ids[(i + 1) % len(ids)] for i in range(len(ids))})
+    return out
+
+
+def fitting_records(config: EvalConfig, scored_folder_records: Sequence[ListingRecord], cats: CategoryRegistry) -> list[ListingRecord]:
+    """The train split of ``config.train_data`` (loaded) or, without it, of the scored folder's records."""
+    pool = scored_folder_records if config.train_data is None else list(load_abo(config.train_data, cats))
+    return [r for r in pool if split_of(r) == "train"]
+
+
+def check_in_sample(fit: Sequence[ListingRecord], items: Sequence[ListingRecord], allow: bool, source: Path) -> int:
+    """How many scored ``items`` are in ``fit`` (by item id); raises :class:`InSampleError` if any and not ``allow``."""
+    fit_ids = {r.item_id for r in fit}
+    n = sum(r.item_id in fit_ids for r in items)
+    if n and not allow:
+        raise InSampleError(
+            f"{n} of the {len(items)} scored items are in the baselines' training data (train split of {source}): "
+            "the baselines would be fitted in-sample. Score the test or validation split, give separate training data "
+            "(--train-data FOLDER), or pass --allow-in-sample to accept it (the report then says so)."
+        )
+    return n
+
+
+def group_overlap(fit: Sequence[ListingRecord], items: Sequence[ListingRecord]) -> int:
+    """Scored items whose title group (:func:`training.abo.group_key`) occurs in the fitting set."""
+    groups = {group_key(r.title) for r in fit}
+    return sum(group_key(r.title) in groups for r in items)
+
+
+async def _generate(client: ListingClient, record: ListingRecord, image: Path | None = None) -> tuple[str, str]:
+    """(raw output, outcome) for ``record`` with ``image`` (default its own photo); outcome: ok, rejected or failed."""
     try:
-        res = await client.generate([record.image.read_bytes()], record.category)
+        res = await client.generate([(image or record.image).read_bytes()], record.category)
     except InvalidOutputError as e:
         return e.raw or "", "rejected"
     except (InferenceUnavailableError, InferenceRejectedError, ImageRejectedError, OSError):
@@ -104,34 +261,197 @@ async def _generate(client: ListingClient, record: ListingRecord) -> tuple[str, 
     return res.raw, "ok"
 
 
+@dataclass
+class _Generated:
+    model: str
+    outputs: dict[str, dict[str, str]]  # MODEL / SWAPPED -> item id -> raw
+    outcomes: dict[str, Counter[str]]
+
+
+async def _generate_all(
+    config: EvalConfig, items: Sequence[ListingRecord], swap: Mapping[str, str], progress: Callable[[int, int], None] | None
+) -> _Generated:
+    """Model outputs with true photos and, for the items in ``swap``, with the donor's photo."""
+    photo = {r.item_id: r.image for r in items}
+    jobs = [(MODEL, r, r.image) for r in items] + [(SWAPPED, r, photo[swap[r.item_id]]) for r in items if r.item_id in swap]
+    gen = _Generated("", {MODEL: {}, SWAPPED: {}}, {MODEL: Counter(), SWAPPED: Counter()})
+    done = 0
+    async with ListingClient(
+        [config.endpoint],
+        max_concurrency=config.concurrency,
+        timeout_s=config.timeout_s,
+        max_tokens=config.max_tokens,
+        repetition_penalty=config.repetition_penalty,
+        frequency_penalty=config.frequency_penalty,
+    ) as c:
+        gen.model = await c.served_model()
+
+        async def one(system: str, r: ListingRecord, image: Path) -> None:
+            nonlocal done
+            gen.outputs[system][r.item_id], outcome = await _generate(c, r, image)
+            gen.outcomes[system][outcome] += 1
+            done += 1
+            if progress:
+                progress(done, len(jobs))
+
+        await asyncio.gather(*(one(*job) for job in jobs))
+    return gen
+
+
+def _ordered(outputs: Mapping[str, str], items: Sequence[ListingRecord]) -> dict[str, str]:
+    return {r.item_id: outputs[r.item_id] for r in items}
+
+
 async def run_eval(
     config: EvalConfig, categories: CategoryRegistry | None = None, progress: Callable[[int, int], None] | None = None
 ) -> EvalResult:
+    """Score the served model, the swap control and both baselines on the chosen items (module contract).
+
+    Raises ``ValueError`` when the split has no items, :class:`InSampleError` (a ValueError)
+    before any request when the fitting set holds scored items and that is not allowed,
+    ``OSError`` for unreadable data and ``InferenceUnavailableError`` when the endpoint
+    never names its model.
+    """
     cats = categories or default_categories()
     records = list(load_abo(config.data, cats))
-    train = [r for r in records if split_of(r) == "train"]
     items = select(records, config.split, config.limit)
     if not items:
         raise ValueError(f"no items in split {config.split!r} of {config.data}")
+    fit = fitting_records(config, records, cats)
+    in_sample = check_in_sample(fit, items, config.allow_in_sample, config.train_data or config.data)
+    swap = derangement(items, config.seed) if config.swap_control else {}
+    retrieval = RetrievalBaseline(fit)
+    retrieved, neighbours = retrieval_predictions(retrieval, items)
+    majority = majority_baseline(fit)
+    gen = await _generate_all(config, items, swap, progress)
+    predictions = {MODEL: _ordered(gen.outputs[MODEL], items)}
+    if config.swap_control:  # items alone in their category keep their photo and their output
+        predictions[SWAPPED] = _ordered({**gen.outputs[MODEL], **gen.outputs[SWAPPED]}, items)
+    predictions[MAJORITY] = {r.item_id: majority(r) for r in items}
+    predictions[RETRIEVAL] = retrieved
     refs = [r.reference() for r in items]
-    baseline = majority_baseline(train)
-    outputs: dict[str, str] = {}
-    outcomes: Counter[str] = Counter()
-    async with ListingClient(
-        [config.endpoint], max_concurrency=config.concurrency, timeout_s=config.timeout_s, max_tokens=config.max_tokens
-    ) as c:
-        model = await c.served_model()
+    names = report_aspects(refs)
+    ref_outputs = {r.item_id: canonical_json(r.title, r.aspects) for r in items}
+    return EvalResult(
+        config=config,
+        model=gen.model,
+        n_train=len(fit),
+        references=refs,
+        predictions=predictions,
+        reports={system: score(p, refs, cats) for system, p in predictions.items()},
+        failed=gen.outcomes[MODEL]["failed"],
+        rejected=gen.outcomes[MODEL]["rejected"],
+        swapped_failed=gen.outcomes[SWAPPED]["failed"],
+        swapped_rejected=gen.outcomes[SWAPPED]["rejected"],
+        in_sample=in_sample,
+        group_overlap=group_overlap(fit, items),
+        swap=swap,
+        neighbours=neighbours,
+        retrieval_skipped=retrieval.skipped,
+        aspect_names=names,
+        accuracy={system: aspect_accuracy(p, refs, names) for system, p in predictions.items()},
+        titles={REFERENCE: distinct_titles(ref_outputs, refs)} | {s: distinct_titles(p, refs) for s, p in predictions.items()},
+    )
 
-        async def one(r: ListingRecord) -> None:
-            outputs[r.item_id], outcome = await _generate(c, r)
-            outcomes[outcome] += 1
-            if progress:
-                progress(len(outputs), len(items))
 
-        await asyncio.gather(*(one(r) for r in items))
-    predictions = {"model": outputs, "majority baseline": {r.item_id: baseline(r) for r in items}}
-    reports = {system: score(p, refs, cats) for system, p in predictions.items()}
-    return EvalResult(config, model, len(train), refs, predictions, reports, failed=outcomes["failed"], rejected=outcomes["rejected"])
+# -- rendering ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextTable:
+    """A rendered table (cells are strings) shared by report.md and the CLI."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    note: str = ""
+
+
+def fmt(v: Value, signed: bool = False) -> str:
+    """3 decimals for floats (``+`` sign with ``signed``), ints as is, ``–`` for None."""
+    if v is None:
+        return "–"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    x = round(float(v), 3) + 0.0  # + 0.0: no "-0.000"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def metric_label(metric: str) -> str:
+    """Column label; metrics guaranteed by constrained decoding carry a dagger."""
+    return f"{metric} †" if metric in GUARANTEED else metric
+
+
+def fit_line(result: EvalResult) -> str:
+    """One sentence on what the baselines were fitted on, flagging in-sample fitting."""
+    line = f"Baselines fitted on {result.n_train} train items of `{result.fit_source}`"
+    if result.in_sample:
+        n = len(result.references)
+        line += f": **baseline fitted in-sample** ({result.in_sample} of the {n} scored items are in it; baseline scores are inflated)"
+    else:
+        line += " (no scored item among them)"
+    return line + f". Scored items whose title group occurs in the training data: {result.group_overlap}."
+
+
+def swap_line(result: EvalResult) -> str:
+    """One sentence on what the image-swap control did."""
+    n = len(result.references)
+    if SWAPPED not in result.predictions:
+        return "Image-swap control: off."
+    if not result.swap:
+        return f"Image-swap control: none of the {n} items could be swapped (every category has one scored item); it says nothing here."
+    return (
+        f"Image-swap control (seed {result.config.seed}): {len(result.swap)} of {n} items generated again with another "
+        f"item's photo of the same category ({n - len(result.swap)} alone in their category kept theirs); "
+        f"{result.identical_under_swap} of the {len(result.swap)} swapped outputs are byte-identical to the true-photo ones; "
+        f"failed {result.swapped_failed}, rejected {result.swapped_rejected}. "
+        "A model that reads the photo loses when the photos are swapped."
+    )
+
+
+def tables(result: EvalResult) -> list[TextTable]:
+    """Systems x metrics; swap deltas; per-aspect accuracy; distinct titles per category."""
+    systems = list(result.predictions)
+    rows = dict(result.table())
+    out = [
+        TextTable(
+            f"{result.model}: {len(result.references)} items of {result.config.data.name}/{result.config.split}",
+            ["system", *(metric_label(m) for m in METRICS), "distinct titles"],
+            [[s, *(fmt(rows[s][m]) for m in METRICS), fmt(rows[s]["distinct_titles"])] for s in systems],
+            f"† {GUARANTEED_NOTE}",
+        )
+    ]
+    deltas = result.deltas()
+    if deltas:
+        out.append(
+            TextTable(
+                "image-swap control: true photos minus swapped photos",
+                ["metric", "true photos", "photos swapped", "delta"],
+                [[metric_label(m), fmt(rows[MODEL][m]), fmt(rows[SWAPPED][m]), fmt(deltas[m], signed=True)] for m in METRICS],
+                swap_line(result),
+            )
+        )
+    n_refs = {name: next(iter(result.accuracy.values()))[name].n for name in result.aspect_names}
+    out.append(
+        TextTable(
+            "per-aspect accuracy (where the reference has the aspect; a missing prediction is wrong)",
+            ["aspect", "references", *systems],
+            [[name, str(n_refs[name]), *(fmt(result.accuracy[s][name].accuracy) for s in systems)] for name in result.aspect_names],
+        )
+    )
+    cats = result.titles[REFERENCE]
+    out.append(
+        TextTable(
+            "distinct titles per category (a collapsed or looping model writes 1)",
+            ["category", "items", REFERENCE, *systems],
+            [[cat, str(n), str(d), *(str(result.titles[s][cat][0]) for s in systems)] for cat, (d, n) in cats.items()],
+        )
+    )
+    return out
+
+
+def _md_table(t: TextTable) -> list[str]:
+    lines = [f"## {t.title}", "", "| " + " | ".join(t.headers) + " |", "| --- | " + " | ".join("---:" for _ in t.headers[1:]) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in t.rows]
+    return lines + (["", t.note] if t.note else []) + [""]
 
 
 def markdown(result: EvalResult) -> str:
@@ -139,18 +459,76 @@ def markdown(result: EvalResult) -> str:
     lines = [
         f"# Evaluation: {result.model}",
         "",
-        f"Data `{c.data}`, split `{c.split}` ({len(result.references)} items; baseline fitted on {result.n_train} train items). "
+        f"Data `{c.data}`, split `{c.split}` ({len(result.references)} items). {fit_line(result)} "
+        f"Retrieval baseline: nearest training photo of the same category (16x16 thumbnail + HSV histogram, cosine); "
+        f"unreadable training photos skipped: {result.retrieval_skipped}. "
         f"Model outputs rejected by the client: {result.rejected}; failed requests: {result.failed}.",
         "",
-        "| system | " + " | ".join(METRICS) + " |",
-        "| --- | " + " | ".join("---:" for _ in METRICS) + " |",
     ]
-    for system, s in result.table():
-        lines.append(f"| {system} | " + " | ".join(f"{float(s[m]):.3f}" for m in METRICS) + " |")
-    lines += ["", "Per aspect name (model): precision / recall (predicted, reference)", ""]
-    for name, (p, r, n_p, n_r) in sorted(result.reports["model"].per_aspect.items(), key=lambda kv: -kv[1][3]):
+    if not result.deltas():  # otherwise the line is the note under the swap table
+        lines += [swap_line(result), ""]
+    for t in tables(result):
+        lines += _md_table(t)
+    lines += ["## Per aspect name (model): precision / recall (predicted, reference)", ""]
+    for name, (p, r, n_p, n_r) in sorted(result.reports[MODEL].per_aspect.items(), key=lambda kv: -kv[1][3]):
         lines.append(f"- {name}: {p:.2f} / {r:.2f} ({n_p}, {n_r})")
     return "\n".join(lines) + "\n"
+
+
+def plot_series(result: EvalResult) -> tuple[list[str], dict[str, list[float]]]:
+    """(groups, system -> values) for a grouped bar chart: headline metrics, then per-aspect accuracies (None as 0).
+
+    Metrics guaranteed by constrained decoding end in ``*`` (the PNG font has no dagger).
+    """
+    groups = [f"{m}*" if m in GUARANTEED else m for m in METRICS] + [f"acc {n}" for n in result.aspect_names]
+    rows = dict(result.table())
+    series = {}
+    for s in result.predictions:
+        values = [rows[s][m] for m in METRICS] + [result.accuracy[s][n].accuracy for n in result.aspect_names]
+        series[s] = [float(v) if v is not None else 0.0 for v in values]
+    return groups, series
+
+
+def report_json(result: EvalResult) -> dict[str, object]:
+    """The machine-readable report (written as report.json)."""
+    c = result.config
+    return {
+        "model": result.model,
+        "data": str(c.data),
+        "split": c.split,
+        "items": len(result.references),
+        "train_data": str(result.fit_source),
+        "train_items": result.n_train,
+        "baseline_fitted_in_sample": bool(result.in_sample),
+        "in_sample_items": result.in_sample,
+        "group_overlap_items": result.group_overlap,
+        "failed": result.failed,
+        "rejected": result.rejected,
+        "guaranteed_by_constrained_decoding": list(GUARANTEED),
+        "systems": dict(result.table()),
+        "swap_control": {
+            "enabled": c.swap_control,
+            "seed": c.seed,
+            "swapped_items": len(result.swap),
+            "identical_outputs": result.identical_under_swap,
+            "failed": result.swapped_failed,
+            "rejected": result.swapped_rejected,
+            "deltas": result.deltas(),
+        },
+        "aspect_accuracy": {
+            s: {n: {"accuracy": a.accuracy, "correct": a.correct, "n": a.n} for n, a in acc.items()} for s, acc in result.accuracy.items()
+        },
+        "distinct_titles": {s: {cat: {"distinct": d, "items": n} for cat, (d, n) in t.items()} for s, t in result.titles.items()},
+        "retrieval_skipped_train_photos": result.retrieval_skipped,
+    }
+
+
+def _provenance(result: EvalResult, system: str, item_id: str) -> dict[str, str]:
+    if system == SWAPPED:
+        return {"photo_of": result.swap.get(item_id, item_id)}
+    if system == RETRIEVAL and item_id in result.neighbours:
+        return {"neighbour": result.neighbours[item_id]}
+    return {}
 
 
 def write_eval(result: EvalResult, out_dir: Path) -> list[Path]:
@@ -160,18 +538,9 @@ def write_eval(result: EvalResult, out_dir: Path) -> list[Path]:
     with paths[0].open("w") as f:
         for system, preds in result.predictions.items():
             for item_id, output in preds.items():
-                f.write(json.dumps({"system": system, "id": item_id, "output": output}, ensure_ascii=False) + "\n")
+                row = {"system": system, "id": item_id, "output": output, **_provenance(result, system, item_id)}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     paths[1].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.references))
-    report = {
-        "model": result.model,
-        "data": str(result.config.data),
-        "split": result.config.split,
-        "items": len(result.references),
-        "train_items": result.n_train,
-        "failed": result.failed,
-        "rejected": result.rejected,
-        "systems": dict(result.table()),
-    }
-    paths[2].write_text(json.dumps(report, indent=2) + "\n")
+    paths[2].write_text(json.dumps(report_json(result), indent=2) + "\n")
     paths[3].write_text(markdown(result))
     return paths

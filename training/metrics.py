@@ -18,6 +18,12 @@ For each example (prediction matched to reference by ``id``):
 - **Exact match**: canonical JSON of prediction equals that of the reference.
 - **Per-aspect-name precision/recall** over all examples: for name *n*, matched pairs
   named *n* / predicted pairs named *n*, and / reference pairs named *n*.
+- **Aspect accuracy** for name *n* (:func:`aspect_accuracy`): over the references that
+  have *n*, the share whose prediction has *n* with the same normalised value (a missing
+  aspect or an unparseable prediction is wrong). **Colour accuracy** is that for ``Color``.
+- **Distinct titles per category** (:func:`distinct_titles`): how many different
+  normalised titles a system wrote for the items of each category (an unparseable
+  output counts with its raw text); a collapsed or looping model writes one.
 
 All averages are plain means over examples. Pure functions; imports only the standard
 library, rouge-score and schemas (both environments have them).
@@ -179,3 +185,75 @@ def score(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]
         missing_predictions=missing,
         examples=examples,
     )
+
+
+@dataclass(frozen=True)
+class AspectAccuracy:
+    """Correct predictions of one aspect name over the ``n`` references that have it."""
+
+    correct: int
+    n: int
+
+    @property
+    def accuracy(self) -> float | None:
+        """``correct / n``; None when no reference has the aspect."""
+        return self.correct / self.n if self.n else None
+
+
+def _named(aspects: Mapping[str, str]) -> dict[str, str]:
+    return {norm(k): norm(v) for k, v in aspects.items()}
+
+
+def aspect_accuracy(
+    predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]], names: Iterable[str]
+) -> dict[str, AspectAccuracy]:
+    """Per name in ``names`` (matched after normalisation): accuracy where the reference has it (module docstring)."""
+    wanted = {name: norm(name) for name in names}
+    correct: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    for ref in references:
+        ref_vals = _named(ref["aspects"])
+        parsed = parse_prediction(predictions.get(str(ref["id"]), ""))
+        pred_vals = _named(parsed[1]) if parsed else {}
+        for name, key in wanted.items():
+            if key in ref_vals:
+                total[name] += 1
+                correct[name] += pred_vals.get(key) == ref_vals[key]
+    return {name: AspectAccuracy(correct[name], total[name]) for name in wanted}
+
+
+def report_aspects(
+    references: Iterable[Mapping[str, Any]], always: Iterable[str] = ("Color", "Material"), min_share: float = 0.05
+) -> list[str]:
+    """``always`` first, then every other aspect name present in at least ``min_share`` of the references, commonest first.
+
+    Names keep the spelling of their first occurrence; ties are broken alphabetically.
+    """
+    refs = list(references)
+    counts: Counter[str] = Counter()
+    spelling: dict[str, str] = {}
+    for ref in refs:
+        for k in ref["aspects"]:
+            counts[norm(k)] += 1
+            spelling.setdefault(norm(k), k)
+    fixed = list(always)
+    seen = {norm(n) for n in fixed}
+    frequent = sorted((k for k, c in counts.items() if k not in seen and c >= min_share * len(refs)), key=lambda k: (-counts[k], k))
+    return fixed + [spelling[k] for k in frequent]
+
+
+def title_of(raw: str) -> str:
+    """The normalised title of a raw output; the normalised raw text when it does not parse."""
+    parsed = parse_prediction(raw)
+    return norm(parsed[0] if parsed else raw)
+
+
+def distinct_titles(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Category -> (distinct normalised titles, items) over the referenced items (a missing prediction counts as "")."""
+    titles: dict[str, set[str]] = {}
+    items: Counter[str] = Counter()
+    for ref in references:
+        cat = str(ref["category"])
+        titles.setdefault(cat, set()).add(title_of(predictions.get(str(ref["id"]), "")))
+        items[cat] += 1
+    return {cat: (len(titles[cat]), items[cat]) for cat in sorted(titles)}

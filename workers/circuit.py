@@ -109,3 +109,17 @@ class CircuitBreaker:
         self.is_open = False
         self.opened_at = None
         self.probes_failed = 0
+
+
+TRANSIENT_REDIS_REPLIES = ("LOADING", "BUSY", "OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+"""Redis error replies that mean the server cannot serve right now (an outage); any other reply is about the request."""
+
+
+def redis_outage(e: BaseException) -> bool:
+    """Whether a Redis client error is an outage (connection, timeout, server busy) rather than a
+    reply about this request's data (a script error), which retrying would only repeat."""
+    from redis.exceptions import RedisError, ResponseError
+
+    if isinstance(e, ResponseError):
+        return str(e).startswith(TRANSIENT_REDIS_REPLIES)
+    return isinstance(e, (RedisError, OSError))

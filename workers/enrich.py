@@ -44,6 +44,7 @@ Flow control
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import urllib.parse
@@ -85,7 +86,9 @@ class FatalWorkerError(RuntimeError):
 
 MODEL = "model"
 """Dependency name of the model endpoints (see :attr:`schemas.errors.OpalError.dependency`)."""
-_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD, KafkaError.RECORD_LIST_TOO_LARGE})
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+_BROKER_SAFE_BYTES = 900_000
+"""An output above this is itself too large when the broker refuses its batch (Kafka's default limit is ~1 MB)."""
 
 
 @dataclass
@@ -138,6 +141,19 @@ class _Job:
     task: asyncio.Task[None] | None = None
     attempts: int = 0  # tries that counted against the record (outages do not)
     listing_id: str | None = None
+
+
+@dataclass
+class _Report:
+    """One delivery report, recorded in librdkafka's callback and acted on after poll() returns."""
+
+    job: _Job
+    topic: str
+    key: bytes | None
+    value: bytes
+    dead_reason: str | None
+    tries: int
+    err: KafkaError | None
 
 
 @dataclass
@@ -201,6 +217,7 @@ class EnrichWorker:
         self._flights: dict[tuple[str, str, str], asyncio.Future[InferenceResult]] = {}
         self._stopping = asyncio.Event()
         self._probe_tasks: set[asyncio.Task[None]] = set()
+        self._reports: list[_Report] = []
         if cache is not None:
             cache.on_error = lambda op: self.metrics.cache_errors.labels(op).inc()
 
@@ -225,6 +242,10 @@ class EnrichWorker:
         self._commit(consumer)
         for tp in parts:
             key = (tp.topic, tp.partition)
+            self._lag.pop(key, None)
+            for gauge in (self.metrics.lag, self.metrics.commit_lag):  # another member reports it now
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tp.topic, str(tp.partition))
             self.assigned.discard(key)
             self.paused.discard(key)
             self.tracker.drop(*key)  # in-flight results of a revoked partition are produced but not stored
@@ -261,7 +282,7 @@ class EnrichWorker:
             while not stop.is_set():
                 if self._fatal is not None:
                     raise FatalWorkerError(str(self._fatal)) from self._fatal
-                self.producer.poll(0)
+                self._poll(0)
                 self._update_lag()
                 self._probe_dependencies()
                 self._flow_control()
@@ -329,8 +350,12 @@ class EnrichWorker:
         tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
-        self.producer.flush(grace_s)
-        self.producer.poll(0)
+        deadline = time.monotonic() + grace_s
+        while True:  # a report may produce again (a dead letter, a retry): flush until nothing is left
+            self.producer.flush(max(0.0, deadline - time.monotonic()))
+            self._poll(0)
+            if (not self._reports and len(self.producer) == 0) or time.monotonic() >= deadline:
+                break
         for task in self._probes():
             task.cancel()
         for consumer in self.consumers.values():
@@ -475,14 +500,14 @@ class EnrichWorker:
         finally:
             dep.probing = False
 
-    async def _wait_for(self, dep: _Dependency) -> bool:
-        """Wait until ``dep`` is closed; False when the worker is stopping instead."""
+    async def _wait_for(self, dep: _Dependency, limit_s: float | None) -> bool:
+        """Wait until ``dep`` is closed (or ``limit_s`` passed); False when the worker is stopping instead."""
         if not dep.breaker.is_open:
             return True
         closed = asyncio.ensure_future(dep.closed.wait())
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({closed, stopping}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
             stopping.cancel()
@@ -509,6 +534,7 @@ class EnrichWorker:
         """One record to exactly one output (or a fatal stop). Never raises for bad input."""
         msg = job.msg
         marks: dict[str, int] = {}  # per dependency: its answer count at this record's first failure
+        waited_since: float | None = None  # when this record first waited for a dependency other than the model
         while True:
             job.attempts += 1
             try:
@@ -530,9 +556,17 @@ class EnrichWorker:
                         # an outage, not this record: wait for the dependency without spending an attempt
                         self._trip(dep, e)
                         job.attempts -= 1
+                        limit: float | None = None
+                        if e.dependency != MODEL:  # an image host may be gone for good: bounded wait
+                            waited_since = waited_since or time.monotonic()
+                            limit = self.w.image_host_max_wait_s - (time.monotonic() - waited_since)
+                            if limit <= 0:
+                                self._dead_letter(job, type(e)(f"{e} (host down for {self.w.image_host_max_wait_s:.0f} s)", e.dependency))
+                                return
                         self.metrics.dependency_waits.labels(e.dependency).inc()
-                        if not await self._wait_for(dep):
+                        if not await self._wait_for(dep, limit):
                             return  # stopping: no output, offset not stored, the record is replayed
+                        job.attempts = 0  # failures before the outage were probably the outage: a full budget again
                         continue
                 if e.retriable and job.attempts < self.w.max_attempts:
                     self.metrics.retries.labels(str(e.reason)).inc()
@@ -587,7 +621,9 @@ class EnrichWorker:
                 )
                 await self.cache.put(self.model_version, category, digest, cached)
         except asyncio.CancelledError:
-            fut.cancel()
+            # sharers must not end cancelled (a cancelled task has no output): they see an outage and wait or retry
+            fut.set_exception(InferenceUnavailableError("the shared model request was cancelled"))
+            fut.exception()
             raise
         except BaseException as e:
             fut.set_exception(e)
@@ -652,34 +688,24 @@ class EnrichWorker:
         except KafkaException as e:
             self._fatal = FatalWorkerError(f"dead letter for {_where(job.msg)} not accepted by the producer: {e}; offset not stored")
 
-    def _produce(self, job: _Job, topic: str, key: bytes | None, value: bytes, dead_reason: str | None) -> None:
-        """Hand one output to the producer; its offset is stored from the delivery callback.
+    def _produce(self, job: _Job, topic: str, key: bytes | None, value: bytes, dead_reason: str | None, tries: int = 1) -> None:
+        """Hand one output to the producer; the delivery report is handled by :meth:`_deliveries`.
 
-        An AspectEvent that is too large (refused by librdkafka at once, or by the broker in the
-        callback) is replaced by an ``output_too_large`` dead letter. Raises KafkaException only
-        for a dead letter the producer refused (the caller makes that fatal) or a non-size error
-        on an AspectEvent (also fatal, via :meth:`_process`'s caller).
+        An AspectEvent over librdkafka's ``message.max.bytes`` raises :class:`OutputTooLargeError`
+        (the caller dead-letters the record). Any other refusal of an AspectEvent sets the fatal
+        stop; a dead letter the producer refuses raises KafkaException (the caller makes it fatal).
         """
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                if dead_reason is None and err.code() in _TOO_LARGE:
-                    self._dead_letter(job, OutputTooLargeError(f"AspectEvent of {len(value)} bytes refused by the broker: {err.str()}"))
-                    return
-                self._fatal = FatalWorkerError(f"produce to {topic} failed for {_where(job.msg)}: {err}; offset not stored, will replay")
-                return
-            if dead_reason is None:
-                self.metrics.produced.inc()
-            else:
-                self.metrics.dead_lettered.labels(dead_reason).inc()
-            self._finish(job)
+            # runs inside producer.poll()/flush(): only record the report, never produce from here
+            self._reports.append(_Report(job, topic, key, value, dead_reason, tries, err))
 
         while True:
             try:
                 self.producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
                 return
             except BufferError:  # local queue full: serve callbacks, then try again
-                self.producer.poll(0.05)
+                self._poll(0.05)
             except KafkaException as e:
                 code = e.args[0].code() if e.args and isinstance(e.args[0], KafkaError) else None
                 if dead_reason is None and code in _TOO_LARGE:
@@ -688,6 +714,40 @@ class EnrichWorker:
                     self._fatal = FatalWorkerError(f"produce to {topic} failed for {_where(job.msg)}: {e}; offset not stored")
                     return
                 raise
+
+    def _poll(self, timeout: float = 0) -> None:
+        """Serve delivery callbacks, then act on their reports (outside librdkafka's callback)."""
+        self.producer.poll(timeout)
+        self._deliveries()
+
+    def _deliveries(self) -> None:
+        """Act on delivery reports: success stores the offset; a refused output is handled once, here.
+
+        A broker refusing a produce request as too large refuses its whole batch, so an output is
+        dead-lettered as ``output_too_large`` only when it alone is over ``_BROKER_SAFE_BYTES``;
+        a smaller one is produced again on its own (up to 3 tries), then the worker stops (replay).
+        """
+        while self._reports:
+            r = self._reports.pop(0)
+            if r.err is None:
+                if r.dead_reason is None:
+                    self.metrics.produced.inc()
+                else:
+                    self.metrics.dead_lettered.labels(r.dead_reason).inc()
+                self._finish(r.job)
+                continue
+            size = len(r.value) + len(r.key or b"")
+            if r.err.code() in _TOO_LARGE and r.dead_reason is None and size > _BROKER_SAFE_BYTES:
+                self._dead_letter(r.job, OutputTooLargeError(f"AspectEvent of {size} bytes refused by the broker: {r.err.str()}"))
+            elif r.err.code() in _TOO_LARGE and r.tries < 3:
+                try:
+                    self._produce(r.job, r.topic, r.key, r.value, r.dead_reason, r.tries + 1)  # its batch was refused, not it
+                except Exception as e:
+                    self._fatal = FatalWorkerError(f"produce to {r.topic} failed again for {_where(r.job.msg)}: {e}; offset not stored")
+            else:
+                self._fatal = FatalWorkerError(
+                    f"produce to {r.topic} failed for {_where(r.job.msg)}: {r.err}; offset not stored, will replay"
+                )
 
     def _finish(self, job: _Job) -> None:
         msg = job.msg

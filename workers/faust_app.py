@@ -78,17 +78,22 @@ async def through_outage(
     breaker: CircuitBreaker,
     op: Callable[[], Awaitable[T]],
     counts: Counter[str],
-    transient: tuple[type[Exception], ...] = (),
+    is_outage: Callable[[Exception], bool] | None = None,
 ) -> T:
     """``await op()`` until it succeeds (see the module contract). Dependency failures are the
-    ``transient`` exception types and OpalErrors naming a ``dependency``; anything else propagates at once."""
+    errors ``is_outage`` accepts and OpalErrors naming a ``dependency``; anything else propagates at once.
+
+    An agent handles one event at a time, so it has no other records to tell an outage from a
+    record-specific failure: it retries this operation (the operation is the probe) until it
+    succeeds. Callers pass an ``is_outage`` that accepts only failures that are never about the
+    event (connection errors, not error replies about its data)."""
     retry = Backoff(settings.worker.retry_backoff_s, settings.worker.retry_backoff_max_s)
     attempt = 0
     while True:
         try:
             result = await op()
         except Exception as e:
-            if not (isinstance(e, transient) or (isinstance(e, OpalError) and e.dependency is not None)):
+            if not ((is_outage is not None and is_outage(e)) or (isinstance(e, OpalError) and e.dependency is not None)):
                 raise
             err = e
         else:

@@ -86,7 +86,8 @@ class ImageLoader:
     async def load(self, uri: str) -> bytes:
         try:
             parsed = urllib.parse.urlsplit(uri)
-        except ValueError as e:  # e.g. an invalid IPv6 literal
+            _ = parsed.port  # raises for a port out of range or not a number
+        except ValueError as e:  # e.g. an invalid IPv6 literal or port
             raise ImageRejectedError(f"unparsable image URI {_short(uri)}: {e}") from None
         if parsed.scheme == "file":
             data = self._load_file(parsed)

@@ -41,7 +41,7 @@ from schemas.retry import Backoff
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 from topology.declared import INDEXER_GROUP
-from workers.circuit import CircuitBreaker
+from workers.circuit import CircuitBreaker, redis_outage
 from workers.intake import dead_letter_for
 from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex
@@ -53,6 +53,12 @@ T = TypeVar("T")
 class IndexerError(RuntimeError):
     """The indexer stopped inside a batch (stopped during an outage, Kafka refused dead letters
     or offsets); offsets of that batch were not stored, so the next run replays it."""
+
+
+class RecordRejectedByRedisError(OpalError):
+    """Redis answered, and refused this record's update (a script error on its data): not an outage."""
+
+    reason = ErrorKind.INTERNAL
 
 
 class InvalidAspectRecordError(OpalError):
@@ -111,8 +117,10 @@ class SearchIndexer:
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> IndexerStats:
         """Index until ``stop`` is set (or, once assigned, nothing arrived for ``idle_exit_s``)."""
 
-        def on_assign(_c: Consumer, parts: list[TopicPartition]) -> None:
+        def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
             self._assigned = True
+            if self.breaker.is_open and parts:  # Redis is down: new partitions wait like the others
+                c.pause(parts)
             log.info("indexer assigned %s", [p.partition for p in parts])
 
         self._stop = stop
@@ -177,7 +185,7 @@ class SearchIndexer:
             if listing_id is None:
                 self._dead_letter(m, InvalidAspectRecordError("tombstone without a (UTF-8) key: no listing to delete"))
                 return
-            self._count(self._retry(lambda: self.index.apply(listing_id, part, off, None)))
+            self._apply(m, listing_id, part, off, None)
             return
         try:
             event = self._retry(lambda: self.codec.decode(m.value()))
@@ -186,7 +194,13 @@ class SearchIndexer:
         except OpalError as e:
             self._dead_letter(m, e)
             return
-        self._count(self._retry(lambda: self.index.apply(event.listing_id, part, off, event)))
+        self._apply(m, event.listing_id, part, off, event)
+
+    def _apply(self, m: Message, listing_id: str, part: int, off: int, event: AspectEvent | None) -> None:
+        try:
+            self._count(self._retry(lambda: self.index.apply(listing_id, part, off, event)))
+        except RecordRejectedByRedisError as e:
+            self._dead_letter(m, e)
 
     def _count(self, outcome: int) -> None:
         name = {1: "indexed", 2: "deleted"}.get(outcome, "skipped")
@@ -201,6 +215,8 @@ class SearchIndexer:
             try:
                 result = op()
             except (redis.RedisError, OSError) as e:
+                if not redis_outage(e):
+                    raise RecordRejectedByRedisError(f"Redis refused the update: {e}") from None
                 err: Exception = e
             except OpalError as e:
                 if not e.retriable:

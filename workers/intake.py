@@ -60,9 +60,11 @@ def dead_letter_for(
     """The DeadLetter for ``record``; ``error_kind`` is the OpalError reason, else the exception type.
 
     The record always fits the dead-letter topic: the value is cut to ``max_value_bytes``, the
-    key to 1 KiB, at most 32 headers of 1 KiB each are kept and the listing id is cut to 512
-    characters; ``truncated`` says so, and ``value_size`` / ``value_sha256`` describe the whole
-    value as consumed, so a cut record can still be matched to its original. The message never
+    key to 1 KiB, at most 32 headers (key and value 1 KiB of bytes each) are kept and the listing
+    id is cut to 512 bytes of UTF-8, the message to 4,000 characters (at most 16 KB): with the
+    value at its largest setting (512 KiB) a dead letter stays under 700 KB. ``truncated`` says
+    so, and ``value_size`` / ``value_sha256`` describe the whole value as consumed, so a cut
+    record can still be matched to its original. The message never
     carries Python object reprs or control characters (:func:`schemas.errors.clean_message`).
     """
     kind = str(error.reason) if isinstance(error, OpalError) else type(error).__name__
@@ -78,8 +80,8 @@ def dead_letter_for(
         (value is not None and len(value) > max_value_bytes)
         or (key is not None and len(key) > MAX_KEY_BYTES)
         or len(headers) > MAX_HEADERS
-        or any((v is not None and len(v) > MAX_HEADER_BYTES) or len(k) > MAX_HEADER_BYTES for k, v in headers)
-        or (listing_id is not None and len(listing_id) > MAX_LISTING_ID_CHARS)
+        or any((v is not None and len(v) > MAX_HEADER_BYTES) or len(k.encode()) > MAX_HEADER_BYTES for k, v in headers)
+        or (listing_id is not None and len(listing_id.encode()) > MAX_LISTING_ID_CHARS)
     )
     message = str(error) if isinstance(error, OpalError) else f"{type(error).__name__}: {error}"
     return DeadLetter(
@@ -91,10 +93,17 @@ def dead_letter_for(
         value_size=None if value is None else len(value),
         value_sha256=None if value is None else hashlib.sha256(value).hexdigest(),
         truncated=bool(cut),
-        headers=[Header(key=k[:MAX_HEADER_BYTES], value=None if v is None else v[:MAX_HEADER_BYTES]) for k, v in headers[:MAX_HEADERS]],
-        listing_id=None if listing_id is None else listing_id[:MAX_LISTING_ID_CHARS],
+        headers=[
+            Header(key=_cut_utf8(k, MAX_HEADER_BYTES), value=None if v is None else v[:MAX_HEADER_BYTES]) for k, v in headers[:MAX_HEADERS]
+        ],
+        listing_id=None if listing_id is None else _cut_utf8(listing_id, MAX_LISTING_ID_CHARS),
         error_kind=kind,
         error_message=clean_message(message),
         attempts=attempts,
         worker=worker,
     )
+
+
+def _cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8 (never inside a character)."""
+    return text.encode()[:max_bytes].decode("utf-8", errors="ignore")

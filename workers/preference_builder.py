@@ -25,16 +25,15 @@ from pathlib import Path
 
 import faust
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from schemas.errors import OpalError
 from schemas.events import DeadLetter, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
+from workers.circuit import redis_outage
 from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_dead_letter, through_outage
 
-REDIS_DOWN = (RedisError, OSError)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -71,11 +70,11 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
             except OpalError as e:
                 await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, e, counts)
                 continue
-            if await through_outage(settings, redis_breaker, lambda p=pair: state.sismember(seen_key, p.pair_id), counts, REDIS_DOWN):
+            if await through_outage(settings, redis_breaker, lambda p=pair: state.sismember(seen_key, p.pair_id), counts, redis_outage):
                 counts["duplicates"] += 1
                 continue
             append_line(shard_path(out_dir, pair), pair.model_dump_json())
-            await through_outage(settings, redis_breaker, lambda p=pair: state.sadd(seen_key, p.pair_id), counts, REDIS_DOWN)
+            await through_outage(settings, redis_breaker, lambda p=pair: state.sadd(seen_key, p.pair_id), counts, redis_outage)
             counts["written"] += 1
 
     return app
