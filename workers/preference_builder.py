@@ -12,6 +12,7 @@ Contract
   twice in a shard; readers dedupe by pair id (``training.dpo`` does). Nothing is lost:
   faust commits the offset only after both.
 - Records that are not a PreferencePair become DeadLetters with their reason.
+- A Redis error reply about a pair (not an outage) dead-letters that pair (``internal_error``).
 - Redis down: the agent waits on the pair it holds (:func:`workers.faust_app.through_outage`)
   and faust stops fetching; it goes on where it was when Redis answers. Never a dead letter.
 """
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import faust
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from schemas.errors import OpalError
+from schemas.errors import ErrorKind, OpalError
 from schemas.events import DeadLetter, PreferencePair
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
@@ -70,11 +72,17 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
             except OpalError as e:
                 await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, e, counts)
                 continue
-            if await through_outage(settings, redis_breaker, lambda p=pair: state.sismember(seen_key, p.pair_id), counts, redis_outage):
-                counts["duplicates"] += 1
+            try:
+                if await through_outage(settings, redis_breaker, lambda p=pair: state.sismember(seen_key, p.pair_id), counts, redis_outage):
+                    counts["duplicates"] += 1
+                    continue
+                append_line(shard_path(out_dir, pair), pair.model_dump_json())
+                await through_outage(settings, redis_breaker, lambda p=pair: state.sadd(seen_key, p.pair_id), counts, redis_outage)
+            except RedisError as e:  # Redis answered with an error about this pair (not an outage): dead letter, go on
+                err = OpalError(f"Redis refused the pair: {e}")
+                err.reason = ErrorKind.INTERNAL
+                await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, err, counts)
                 continue
-            append_line(shard_path(out_dir, pair), pair.model_dump_json())
-            await through_outage(settings, redis_breaker, lambda p=pair: state.sadd(seen_key, p.pair_id), counts, redis_outage)
             counts["written"] += 1
 
     return app
