@@ -804,41 +804,70 @@ def model_init_tiny(
 @train_app.command("sft")
 def train_sft(
     base: Annotated[Path, typer.Option(help="Model folder to start from (`opal model init-tiny` output or a Qwen2-VL).")],
-    out: Annotated[Path, typer.Option(help="Folder for the trained model (overwritten); vLLM serves it as is.")],
-    data: Annotated[Path, typer.Option(help="ABO-format folder; its train split is used.")] = SAMPLE_DIR,
+    data: Annotated[Path, typer.Option(help="ABO-format folder (e.g. ../shared/data/abo); its train split is used.")],
+    out: Annotated[Path, typer.Option(help="Folder for the trained model (overwritten) and its checkpoints; vLLM serves it as is.")],
+    recipe: Annotated[str | None, typer.Option(help="Recipe: tiny-cpu or paper-zero3 (default: chosen by the base's model card).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out (same settings).")] = False,
     mace: Annotated[Path | None, typer.Option(help="`opal data mace` JSONL: train on its MLLM-refined listings.")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many items.")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the data.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (-1: run the epochs).")] = -1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per step.")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine, 10% warm-up).")] = 2e-5,
-    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed config, e.g. training/configs/zero3.json.")] = None,
-    freeze_vision: Annotated[bool, typer.Option(help="Freeze the vision encoder (the paper does).")] = True,
-    bf16: Annotated[bool, typer.Option(help="bf16 mixed precision (GPU: use with --no-cpu).")] = False,
-    cpu: Annotated[bool, typer.Option(help="Train on CPU even if a GPU is visible.")] = True,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data. [default: recipe]")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Exactly this many steps, overriding epochs. [default: recipe]")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Rows per device per step. [default: recipe]")] = None,
+    grad_accumulation: Annotated[int | None, typer.Option(min=1, help="Steps accumulated per update. [default: recipe]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (cosine, warm-up). [default: recipe]")] = None,
+    save_steps: Annotated[int | None, typer.Option(min=1, help="Checkpoint every this many steps. [default: recipe]")] = None,
+    logging_steps: Annotated[int | None, typer.Option(min=1, help="Log loss and ETA every this many steps. [default: recipe]")] = None,
+    deepspeed: Annotated[Path | None, typer.Option(help="DeepSpeed JSON config, or 'none'. [default: recipe]")] = None,
+    freeze_vision: Annotated[bool | None, typer.Option(help="Freeze the vision encoder. [default: recipe]")] = None,
+    bf16: Annotated[bool | None, typer.Option(help="bf16 mixed precision (GPU: use with --no-cpu). [default: recipe]")] = None,
+    cpu: Annotated[bool | None, typer.Option(help="Train on CPU even if a GPU is visible. [default: recipe]")] = None,
 ) -> None:
-    """Visual instruction tuning with TRL on MACE-refined listings; writes the model, train_log.json and loss.png."""
+    """Visual instruction tuning with TRL on MACE-refined listings, by a recipe the base model chooses (printed at start).
+
+    Options left out take the recipe's value. Writes the model, train_log.json and loss.png; checkpoints every
+    --save-steps into --out while training (removed once the model is written); --resume continues a stopped run.
+    """
     _in_model_env(sys.argv[1:])
+    from dataclasses import replace
+
     from opal.plots import line_png
+    from training.progress import Reporter
+    from training.recipes import apply_overrides, choose_recipe, recipe_rows
     from training.sft import SftRunConfig, run_sft
 
+    reporter = Reporter(console)
+    no_deepspeed = deepspeed is not None and str(deepspeed).lower() == "none"
+    overrides: dict[str, Any] = {
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "batch_size": batch_size,
+        "grad_accumulation": grad_accumulation,
+        "learning_rate": lr,
+        "save_steps": save_steps,
+        "logging_steps": logging_steps,
+        "deepspeed": None if no_deepspeed else deepspeed,
+        "freeze_vision": freeze_vision,
+        "bf16": bf16,
+        "use_cpu": cpu,
+    }
+    try:
+        chosen, why = choose_recipe(base, recipe)
+        effective, overridden = apply_overrides(chosen, overrides)
+        if no_deepspeed:  # --deepspeed none switches the recipe's DeepSpeed off
+            effective, overridden = replace(effective, deepspeed=None), overridden | {"deepspeed"}
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    t = Table("setting", "value", "from", title=f"SFT recipe {effective.name} ({why})")
+    for name, value, source in recipe_rows(effective, overridden):
+        t.add_row(name, value, "[bold]option[/]" if source == "option" else source)
+    console.print(t)
+    console.print(effective.summary, highlight=False)
     config = SftRunConfig(
-        base_model=base,
-        data=data,
-        output_dir=out,
-        mace=mace,
-        limit=limit,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        learning_rate=lr,
-        freeze_vision=freeze_vision,
-        bf16=bf16,
-        use_cpu=cpu,
-        deepspeed=deepspeed,
+        base_model=base, data=data, output_dir=out, mace=mace, limit=limit, recipe=effective, overridden=overridden, resume=resume
     )
     try:
-        result = run_sft(config)
+        result = run_sft(config, reporter=reporter)
     except (ValueError, OSError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
@@ -846,9 +875,11 @@ def train_sft(
     png = line_png({"training loss": losses}, out / "loss.png", f"SFT of {base.name}: {result.items} items") if losses else None
     t = Table("field", "value", title=f"SFT -> {out}")
     t.add_row("model", f"{result.card['name']}@{result.card['version']}")
+    t.add_row("recipe", result.recipe.name + (f" (+ {', '.join(sorted(overridden))})" if overridden else ""))
     t.add_row("items", str(result.items))
-    t.add_row("steps", result.card["steps"])
+    t.add_row("steps", result.card["steps"] + (f" (resumed from {result.resumed_from.name})" if result.resumed_from else ""))
     t.add_row("parameters trained / frozen", f"{result.trainable:,} / {result.frozen:,}")
+    t.add_row("time", f"{reporter.elapsed():.0f} s")
     if losses:
         t.add_row("loss first -> last logged", f"{losses[0][1]:.3f} -> {losses[-1][1]:.3f}")
     console.print(t)

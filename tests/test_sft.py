@@ -1,20 +1,30 @@
-"""SFT with TRL on the tiny model: the loss falls, the vision tower stays frozen, vLLM serves the result."""
+"""SFT with TRL on the tiny model: recipes chosen by the base, the loss falls, the vision tower stays frozen,
+checkpoints resume bit-exactly, progress shows from the start, vLLM serves the result."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
+import os
+import re
+import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from inference.client import ListingClient
-from opal.samples import load_samples
+from opal.samples import SAMPLE_DIR, load_samples
 from opal.vllm_server import start_vllm
 from schemas.settings import VllmSettings
 from tests.conftest import REPO, opal_bin
+from training.progress import Reporter, eta_line, fmt_duration
+from training.recipes import PAPER_ZERO3, TINY_CPU, ZERO3, apply_overrides, choose_recipe, recipe_rows
 
 MODEL_PY = REPO / ".venv-model" / "bin" / "python"
 
@@ -40,14 +50,31 @@ def compare(base: Path, trained: Path) -> dict[str, int]:
     return dict(json.loads(r.stdout))
 
 
+# One short run with explicit overrides; the resume test repeats it with a stop in the middle.
+SFT_ARGS = ["--data", str(SAMPLE_DIR), "--max-steps", "16", "--lr", "2e-3", "--save-steps", "4", "--logging-steps", "4"]
+
+
+def sft_cmd(base: Path, out: Path, *extra: str) -> list[str]:
+    return [opal_bin(), "train", "sft", "--base", str(base), "--out", str(out), *SFT_ARGS, *extra]
+
+
+def weights_digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="module")
-def sft_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sft_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(model folder, the command's stdout) of one SFT run on the sample data."""
     out = tmp_path_factory.mktemp("sft")
-    cmd = [opal_bin(), "train", "sft", "--base", str(tiny_model), "--out", str(out), "--max-steps", "16", "--lr", "2e-3"]
-    r = subprocess.run(cmd, **RUN)
+    r = subprocess.run(sft_cmd(tiny_model, out), **RUN)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "parameters trained / frozen" in r.stdout
-    return out
+    return out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def sft_model(sft_run: tuple[Path, str]) -> Path:
+    return sft_run[0]
 
 
 @pytest.mark.model_env
@@ -62,6 +89,85 @@ def test_sft_lowers_the_loss_and_keeps_the_vision_tower_frozen(sft_model: Path, 
     diff = compare(tiny_model, sft_model)
     assert diff["vision_keys"] > 0 and diff["vision_changed"] == 0, diff
     assert diff["text_changed"] >= diff["text_keys"] // 2, diff
+
+
+@pytest.mark.model_env
+def test_sft_prints_the_recipe_and_progress_before_training_and_records_the_recipe(sft_run: tuple[Path, str], tiny_model: Path) -> None:
+    out, stdout = sft_run
+    base = json.loads((tiny_model / "opal_model.json").read_text())
+    assert (base["recipe"], base["from_scratch"]) == ("tiny-cpu", "true")  # what init-tiny writes, and what chose the recipe
+    assert "SFT recipe tiny-cpu" in stdout
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^[│|] (\w+)\s+[│|] (\S+)\s+[│|] (\S+)\s+[│|]$", stdout, re.M)}
+    assert rows["learning_rate"] == ("0.002", "option") and rows["max_steps"] == ("16", "option")
+    assert rows["batch_size"] == ("8", "tiny-cpu") and rows["epochs"] == ("2", "tiny-cpu") and rows["freeze_vision"] == ("True", "tiny-cpu")
+    assert set(rows) >= {"lr_scheduler", "warmup", "grad_accumulation", "max_length", "bf16", "deepspeed", "save_steps", "seed"}
+
+    def at(text: str) -> int:
+        assert text in stdout, (text, stdout[-3000:])
+        return stdout.index(text)
+
+    # progress from the start: the table, then data preparation, then every logging step with an ETA
+    assert at("SFT recipe") < at("reading listings from") < at("loading images into rows: 0/") < at("training: 16 steps")
+    steps = re.findall(r"step (\d+)/16  loss [\d.]+  lr \S+  elapsed \d+:\d\d  eta (\d+:\d\d|\?)", stdout)
+    assert [int(s) for s, _ in steps] == [1, 4, 8, 12, 16] and steps[-1][1] == "0:00", steps
+    assert at("checkpoint saved: ") < at("step 8/16")
+
+    card = json.loads((out / "opal_model.json").read_text())
+    settings = json.loads(card["sft_settings"])
+    assert card["sft_recipe"] == "tiny-cpu" and (card["recipe"], card["from_scratch"]) == ("tiny-cpu", "true")
+    assert settings["learning_rate"] == {"value": 0.002, "source": "option"}
+    assert settings["batch_size"] == {"value": 8, "source": "tiny-cpu"}
+    assert json.loads((out / "sft_run.json").read_text())["settings"]["learning_rate"] == 0.002
+    assert not list(out.glob("checkpoint-*"))  # the final folder supersedes them
+
+
+def run_until_first_checkpoint(cmd: list[str], timeout_s: float = 600) -> tuple[str, int]:
+    """Start ``cmd``, kill its whole process group (kill -9) once it reports a checkpoint; (stdout so far, step)."""
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    watchdog = threading.Timer(timeout_s, lambda: os.killpg(p.pid, signal.SIGKILL))
+    watchdog.start()
+    seen, step = [], 0
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:
+            seen.append(line)
+            if m := re.search(r"checkpoint saved: .*checkpoint-(\d+)", line):
+                step = int(m.group(1))
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+    finally:
+        watchdog.cancel()
+        p.wait()
+    return "".join(seen), step
+
+
+@pytest.mark.model_env
+def test_a_stopped_run_leaves_a_checkpoint_and_resume_finishes_it_bit_exactly(tiny_model: Path, sft_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sft"
+    stdout, step = run_until_first_checkpoint(sft_cmd(tiny_model, out))
+    assert step == 4, stdout[-3000:]
+    ckpt = out / "checkpoint-4"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 4
+    assert not (out / "opal_model.json").exists()
+
+    fresh = subprocess.run(sft_cmd(tiny_model, out), **RUN)  # without --resume the checkpoints are not thrown away
+    assert fresh.returncode == 2 and "pass --resume" in " ".join(fresh.stdout.split()), fresh.stdout[-2000:]
+    other = subprocess.run(sft_cmd(tiny_model, out, "--resume", "--batch-size", "4"), **RUN)
+    assert other.returncode == 2 and "batch_size: 8 -> 4" in " ".join(other.stdout.split()), other.stdout[-2000:]
+
+    r = subprocess.run(sft_cmd(tiny_model, out, "--resume"), **RUN)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "training: 16 steps, resuming at step 4" in r.stdout
+    assert "step 1/16" not in r.stdout and "step 16/16" in r.stdout
+    assert json.loads((out / "opal_model.json").read_text())["steps"] == "16"
+    logged_steps = [h["step"] for h in json.loads((out / "train_log.json").read_text()) if "loss" in h]
+    assert logged_steps == [1, 4, 8, 12, 16]  # the stopped run's history is kept
+    assert weights_digest(out) == weights_digest(sft_model)  # same weights as the run that was never stopped
+    assert not list(out.glob("checkpoint-*"))
 
 
 @pytest.mark.vllm
@@ -84,7 +190,8 @@ def test_vllm_serves_the_sft_model(sft_model: Path, tmp_path: Path) -> None:
 @pytest.mark.model_env
 def test_deepspeed_zero3_trains_and_saves_whole_weights(tiny_model: Path, tmp_path: Path) -> None:
     """The paper's ZeRO-3 config, single process on CPU (first run builds DeepSpeed's ops into .opal/, ~1 min)."""
-    cmd = [opal_bin(), "train", "sft", "--base", str(tiny_model), "--out", str(tmp_path), "--max-steps", "6", "--limit", "8"]
+    cmd = [opal_bin(), "train", "sft", "--base", str(tiny_model), "--data", str(SAMPLE_DIR), "--out", str(tmp_path), "--max-steps", "6"]
+    cmd += ["--limit", "8"]
     r = subprocess.run([*cmd, "--lr", "2e-3", "--deepspeed", str(REPO / "training" / "configs" / "zero3.json")], **RUN)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = json.loads((tmp_path / "train_log.json").read_text())
@@ -94,7 +201,6 @@ def test_deepspeed_zero3_trains_and_saves_whole_weights(tiny_model: Path, tmp_pa
 
 
 def test_training_items_use_mace_lines_and_skip_a_torn_one(tmp_path: Path) -> None:
-    from opal.samples import SAMPLE_DIR
     from schemas.category import default_categories
     from training.sft import SftRunConfig, training_items
 
@@ -111,3 +217,70 @@ def test_training_items_use_mace_lines_and_skip_a_torn_one(tmp_path: Path) -> No
     mace.write_text(json.dumps({**good, "item_id": "not-in-this-folder"}) + "\n")
     with pytest.raises(ValueError, match="refines none of the train items"):
         training_items(SftRunConfig(base_model=tmp_path, data=SAMPLE_DIR, output_dir=tmp_path, mace=mace), cats)
+
+
+def card(folder: Path, **fields: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "opal_model.json").write_text(json.dumps({"name": "m", "version": "v1", **fields}))
+    return folder
+
+
+def test_the_base_models_card_chooses_the_recipe(tmp_path: Path) -> None:
+    assert choose_recipe(card(tmp_path / "tiny", recipe="tiny-cpu", from_scratch="true"))[0] is TINY_CPU
+    assert choose_recipe(card(tmp_path / "scratch", from_scratch="true"))[0] is TINY_CPU
+    assert choose_recipe(card(tmp_path / "old-tiny", version="tiny-seed0-abc"))[0] is TINY_CPU  # cards from before the field
+    sft_of_tiny = card(tmp_path / "sft", version="sft-123", recipe="tiny-cpu", from_scratch="true")  # SFT cards pass it on
+    assert choose_recipe(sft_of_tiny)[0] is TINY_CPU
+    (tmp_path / "qwen2-vl-7b").mkdir()  # a downloaded backbone: no card
+    recipe, why = choose_recipe(tmp_path / "qwen2-vl-7b")
+    assert recipe is PAPER_ZERO3 and "no opal_model.json" in why
+    assert choose_recipe(card(tmp_path / "large", parameters="8291375616"))[0] is PAPER_ZERO3
+    assert choose_recipe(tmp_path / "tiny", "paper-zero3")[0] is PAPER_ZERO3  # --recipe wins over the card
+    with pytest.raises(ValueError, match="unknown recipe"):
+        choose_recipe(tmp_path / "tiny", "fast")
+
+
+def test_the_recipes_hold_the_measured_and_the_papers_numbers() -> None:
+    t = TINY_CPU
+    assert (t.learning_rate, t.batch_size, t.use_cpu, t.bf16, t.deepspeed, t.freeze_vision) == (1e-3, 8, True, False, None, True)
+    assert TINY_CPU.planned_steps(4082) == 1022  # the ABO train split: 2 epochs of batch 8
+    assert TINY_CPU.planned_steps(5000) == 1250  # ~5k items: ~7 minutes on 2 cores
+    assert TINY_CPU.planned_steps(20_000) == 2400  # capped: at most ~20 minutes
+    p = PAPER_ZERO3
+    assert (p.learning_rate, p.lr_scheduler, p.warmup, p.epochs) == (2e-5, "cosine", 0.1, 1.0)
+    assert (p.bf16, p.use_cpu, p.freeze_vision, p.gradient_checkpointing) == (True, False, True, True)
+    assert p.deepspeed == ZERO3 and ZERO3.is_file() and json.loads(ZERO3.read_text())["zero_optimization"]["stage"] == 3
+    assert p.batch_size * p.grad_accumulation * 8 == 128 and p.max_length == 4096
+    assert p.planned_steps(100_000, world_size=8) == 781
+    for r in (TINY_CPU, p):
+        assert r.save_steps > 0 and r.save_total_limit == 2 and r.step_cap in (None, 2400)
+
+
+def test_explicit_options_override_the_recipe_and_the_table_says_so() -> None:
+    effective, overridden = apply_overrides(TINY_CPU, {"learning_rate": 5e-4, "max_steps": 16, "batch_size": None, "deepspeed": ZERO3})
+    assert (effective.learning_rate, effective.max_steps, effective.batch_size, effective.deepspeed) == (5e-4, 16, 8, ZERO3)
+    assert effective.name == "tiny-cpu" and overridden == {"learning_rate", "max_steps", "deepspeed"}
+    assert effective.planned_steps(10_000) == 16  # an explicit step count is exact: no epochs, no cap
+    rows = {name: (value, source) for name, value, source in recipe_rows(effective, overridden)}
+    assert rows["learning_rate"] == ("0.0005", "option") and rows["batch_size"] == ("8", "tiny-cpu")
+    assert rows["max_length"] == ("-", "tiny-cpu") and rows["deepspeed"] == (str(ZERO3), "option")
+    assert set(rows) == set(TINY_CPU.values()) and "name" not in rows
+    with pytest.raises(ValueError, match="not recipe fields"):
+        apply_overrides(TINY_CPU, {"lr": 1.0})
+
+
+def test_train_sft_has_no_toy_default_for_data(tmp_path: Path) -> None:
+    r = subprocess.run([opal_bin(), "train", "sft", "--base", str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--data" in r.stderr, r.stderr
+
+
+def test_progress_lines_and_eta_without_a_terminal() -> None:
+    buf = io.StringIO()
+    rep = Reporter(Console(file=buf, force_terminal=False, width=200), every_s=0.0)
+    assert list(rep.track(iter([1, 2, 3]), 3, "loading images")) == [1, 2, 3]
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "[0:00] loading images: 0/3" and "loading images: 1/3 (33%, eta" in lines[1], lines
+    assert re.fullmatch(r"\[0:00\] loading images: 3/3 in 0:00", lines[-1]), lines
+    assert eta_line(30, 120, 2.5, 1e-3, 60.0, 20) == "step 30/120  loss 2.5000  lr 1.00e-03  elapsed 1:00  eta 4:30"
+    assert eta_line(0, 10, None, None, 0.0, 0).endswith("eta ?")
+    assert (fmt_duration(3725), fmt_duration(59.6), fmt_duration(float("nan"))) == ("1:02:05", "1:00", "?")

@@ -7,17 +7,36 @@ TRL prompt/completion rows from the one prompt module (:mod:`training.sft_format
 what the model learns is exactly what serving asks.
 
 Contract
+- Hyper-parameters come from a recipe (:mod:`training.recipes`): ``config.recipe`` when set
+  (the CLI passes the chosen recipe with its overrides applied), else the one the base
+  model's card selects (:func:`training.recipes.choose_recipe`).
 - :func:`run_sft` trains, then writes a folder vLLM serves as is: weights, processor
   (with ``preprocessor_config.json``), ``opal_model.json`` (name, a version derived from
-  the weights, the base model's version, steps, items) and ``train_log.json`` (TRL's
-  log history: loss, learning rate, token accuracy per logging step).
-- The vision tower's parameters are frozen (``requires_grad=False``) when
-  ``freeze_vision`` is set (the default, as in the paper); everything else trains.
+  the weights, the base model's version, steps, items, ``sft_recipe`` and ``sft_settings``:
+  the recipe's name and every effective value with its source) and ``train_log.json``
+  (TRL's log history: loss, learning rate, token accuracy per logging step).
+- ``sft_run.json`` is written into the output folder before training starts (recipe, every
+  effective value, base, data, rows, planned steps).
+- Checkpoints: every ``save_steps`` optimiser steps a resumable ``checkpoint-<step>`` folder
+  (weights, optimiser, scheduler, RNG, trainer state) is written into the output folder;
+  the newest ``save_total_limit`` are kept. A stopped run leaves them; ``resume`` continues
+  from the newest complete one (``trainer_state.json`` written; a checkpoint cut off while
+  being written is removed) with the same data order, schedule and log history, and
+  refuses when the run's settings differ from ``sft_run.json``; with no complete
+  checkpoint it starts from the base. Without ``resume``, an output folder holding
+  checkpoints is refused (they would be lost or mixed). Once the final folder is
+  written, the checkpoints are deleted (the final folder supersedes them).
+- Progress goes through a :class:`training.progress.Reporter` from the first second:
+  reading and refining items, loading images, loading the model, then step/total, loss,
+  elapsed time and ETA every logging step.
+- The vision tower's parameters are frozen (``requires_grad=False``) when the recipe's
+  ``freeze_vision`` is set (both recipes, as in the paper); everything else trains.
 - ``deepspeed`` names a DeepSpeed JSON config (``training/configs/zero3.json`` is the
   paper's ZeRO-3). Without a launcher, the single-process environment DeepSpeed needs
   (RANK, WORLD_SIZE, MASTER_ADDR/PORT) is filled in and its op cache kept under
   ``.opal/``; under ``deepspeed``/``torchrun`` the launcher's values are kept.
-- Deterministic for a seed on CPU. Re-running into the same folder overwrites it.
+- Deterministic for a seed on CPU. Re-running into the same folder overwrites it (once its
+  checkpoints are gone: see above).
 """
 
 from __future__ import annotations
@@ -25,7 +44,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,34 +55,31 @@ from typing import Any
 from schemas.category import CategoryRegistry, default_categories
 from training.abo import ListingRecord, load_abo, split_of
 from training.mace import refine
+from training.progress import Reporter, eta_callback
+from training.recipes import REPO, SftRecipe, choose_recipe, read_card
 from training.sft_format import sft_row
 
-REPO = Path(__file__).resolve().parents[1]
-ZERO3 = REPO / "training" / "configs" / "zero3.json"
 STALE = ("train_log.json", "opal_model.json", "loss.png", "dpo.png", "dpo_summary.json")  # removed before a save
+RUN_FILE = "sft_run.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Settings that may change between a stopped run and its resumption (they do not change what is learned).
+RESUMABLE_CHANGES = frozenset({"logging_steps", "save_steps", "save_total_limit"})
+# Fields a base's card passes on to the models trained from it (how its line of models is trained).
+INHERITED = ("from_scratch", "recipe")
 
 
 @dataclass(frozen=True)
 class SftRunConfig:
-    """One SFT run; every field documents itself (TRL's SFTConfig gets the training ones)."""
+    """One SFT run: what to train on and where to write; how is the recipe's (every field documents itself)."""
 
     base_model: Path = field(metadata={"help": "Model folder to start from (e.g. `opal model init-tiny` output or a Qwen2-VL)."})
     data: Path = field(metadata={"help": "ABO-format folder (listings.jsonl + images/); its train split is used."})
-    output_dir: Path = field(metadata={"help": "Where the trained model folder is written (overwritten)."})
+    output_dir: Path = field(metadata={"help": "Where the trained model folder (and checkpoints while training) is written."})
     mace: Path | None = field(default=None, metadata={"help": "`opal data mace` JSONL: use its MLLM-refined listings."})
     limit: int | None = field(default=None, metadata={"help": "Train on at most this many items (first by item id)."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the data (the paper: 1)."})
-    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimiser steps; -1: run the epochs."})
-    batch_size: int = field(default=4, metadata={"help": "Rows per device per step."})
-    grad_accumulation: int = field(default=1, metadata={"help": "Steps accumulated per optimiser step."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate (cosine schedule)."})
-    warmup: float = field(default=0.1, metadata={"help": "Warm-up as a share of the steps (the paper: 10%)."})
-    freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision encoder (the paper does)."})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPU); CPU trains in fp32."})
-    use_cpu: bool = field(default=True, metadata={"help": "Train on CPU even if a GPU is visible."})
-    deepspeed: Path | None = field(default=None, metadata={"help": f"DeepSpeed config JSON, e.g. {ZERO3.relative_to(REPO)}."})
-    logging_steps: int = field(default=5, metadata={"help": "Log loss every this many steps."})
-    seed: int = field(default=0, metadata={"help": "Seed for data order and initialisation of anything new."})
+    recipe: SftRecipe | None = field(default=None, metadata={"help": "Effective hyper-parameters; None: the base's card chooses."})
+    overridden: frozenset[str] = field(default=frozenset(), metadata={"help": "Recipe fields set by explicit options (for the record)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir (if any)."})
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,8 @@ class SftResult:
     items: int
     trainable: int
     frozen: int
+    recipe: SftRecipe
+    resumed_from: Path | None
 
     def losses(self) -> list[tuple[int, float]]:
         return logged(self.log, "loss")
@@ -81,9 +102,18 @@ def logged(log: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return [(int(h["step"]), float(h[key])) for h in log if key in h]
 
 
-def training_items(config: SftRunConfig, categories: CategoryRegistry) -> list[tuple[ListingRecord, str, dict[str, str]]]:
-    """(record, title, aspects) for each train item: MACE-refined (rules, or the MLLM pass's JSONL)."""
+def training_items(
+    config: SftRunConfig, categories: CategoryRegistry, reporter: Reporter | None = None
+) -> list[tuple[ListingRecord, str, dict[str, str]]]:
+    """(record, title, aspects) for each train item: MACE-refined (rules, or the MLLM pass's JSONL).
+
+    With a ``reporter``, reading and refining are reported as they go.
+    """
+    if reporter:
+        reporter.note(f"reading listings from {config.data} ...")
     records = sorted((r for r in load_abo(config.data, categories) if split_of(r) == "train"), key=lambda r: r.item_id)
+    if reporter:
+        reporter.note(f"{len(records):,} train-split items with a category schema")
     mllm: dict[str, dict[str, Any]] = {}
     if config.mace is not None:
         for line in config.mace.read_text().splitlines():
@@ -95,7 +125,8 @@ def training_items(config: SftRunConfig, categories: CategoryRegistry) -> list[t
         if not any(r.item_id in mllm for r in records):
             raise ValueError(f"{config.mace} refines none of the train items of {config.data} (built from another folder?)")
     out = []
-    for r in records:
+    source = "MACE (rules + MLLM JSONL)" if config.mace else "MACE (rules)"
+    for r in reporter.track(records, len(records), f"refining with {source}") if reporter else records:
         if r.item_id in mllm:
             title, aspects = mllm[r.item_id]["title"], dict(mllm[r.item_id]["aspects"])
         else:
@@ -106,8 +137,49 @@ def training_items(config: SftRunConfig, categories: CategoryRegistry) -> list[t
     return out[: config.limit] if config.limit is not None else out
 
 
-def _deepspeed_env(config: SftRunConfig) -> None:
-    if config.deepspeed is None:
+def checkpoints(folder: Path) -> list[Path]:
+    """``checkpoint-<step>`` folders in ``folder``, oldest step first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def usable(checkpoint: Path) -> bool:
+    """Whether a checkpoint was written completely: transformers writes ``trainer_state.json`` last."""
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def run_record(config: SftRunConfig, recipe: SftRecipe) -> dict[str, Any]:
+    """What defines a run (compared on resume): inputs and every effective recipe value."""
+    return {
+        "base_model": str(config.base_model.resolve()),
+        "data": str(config.data.resolve()),
+        "mace": str(config.mace.resolve()) if config.mace else None,
+        "limit": config.limit,
+        "recipe": recipe.name,
+        "settings": recipe.values(),
+    }
+
+
+def _check_resumable(config: SftRunConfig, recipe: SftRecipe) -> None:
+    path = config.output_dir / RUN_FILE
+    if not path.is_file():
+        raise ValueError(f"{config.output_dir} has checkpoints but no {RUN_FILE}: not an `opal train sft` run, cannot resume")
+    before, now = json.loads(path.read_text()), run_record(config, recipe)
+    diffs = [k for k in ("base_model", "data", "mace", "limit") if before.get(k) != now[k]]
+    old_settings = before.get("settings", {})
+    diffs += [k for k, v in now["settings"].items() if k not in RESUMABLE_CHANGES and old_settings.get(k) != v]
+    if diffs:
+        shown = ", ".join(f"{k}: {before.get(k, old_settings.get(k))!r} -> {now.get(k, now['settings'].get(k))!r}" for k in diffs)
+        raise ValueError(f"--resume with other settings than the stopped run in {config.output_dir} ({shown}); run with the same ones")
+
+
+def _deepspeed_env(deepspeed: Path | None) -> None:
+    if deepspeed is None:
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,48 +187,134 @@ def _deepspeed_env(config: SftRunConfig) -> None:
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".opal" / "torch-extensions"))
+    # DeepSpeed calls torch.distributed's deprecated collectives once per parameter and step: one warning each.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None) -> SftResult:
-    """Train and write the model folder (see the module contract)."""
-    from datasets import Dataset
-    from PIL import Image
-    from transformers import AutoProcessor
-    from trl import SFTConfig, SFTTrainer
+def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, reporter: Reporter | None = None) -> SftResult:
+    """Train and write the model folder (see the module contract); ``ValueError`` for unusable inputs or a refused resume."""
+    rep = reporter or Reporter()
+    recipe = config.recipe or choose_recipe(config.base_model)[0]
+    if not (config.base_model / "config.json").is_file():
+        raise ValueError(f"{config.base_model} is not a model folder (no config.json)")
+    if config.output_dir.resolve() == config.base_model.resolve():
+        raise ValueError(f"refusing to overwrite the base model {config.base_model}: choose another output folder")
+    found = checkpoints(config.output_dir)
+    resume_from: Path | None = None
+    complete = [c for c in found if usable(c)]
+    if config.resume and complete:
+        _check_resumable(config, recipe)
+        resume_from = complete[-1]
+        for torn in found[found.index(resume_from) + 1 :]:  # cut off while being written: never resume from it
+            rep.note(f"removing incomplete {torn.name} (no trainer_state.json)")
+            shutil.rmtree(torn, ignore_errors=True)
+        rep.note(f"resuming from {resume_from}")
+    elif config.resume:
+        rep.note(f"no complete checkpoint in {config.output_dir}: starting from the base model")
+        for torn in found:
+            shutil.rmtree(torn, ignore_errors=True)
+    elif found:
+        raise ValueError(
+            f"{config.output_dir} holds checkpoints of an earlier run (newest: {found[-1].name}): "
+            "pass --resume to continue it, or delete them / choose another --out to start afresh"
+        )
+
+    if not recipe.use_cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"recipe {recipe.name} trains on GPUs and none is visible: add --cpu (and --no-bf16 for fp32) to run it here")
 
     cats = categories or default_categories()
-    items = training_items(config, cats)
+    items = training_items(config, cats, rep)
     if not items:
         raise ValueError(f"no train items in {config.data}")
-    rows = [sft_row(title, aspects, cats.get(r.category), Image.open(r.image).convert("RGB")) for r, title, aspects in items]
-    _deepspeed_env(config)
+    from PIL import Image
+
+    rows = [
+        sft_row(title, aspects, cats.get(r.category), Image.open(r.image).convert("RGB"))
+        for r, title, aspects in rep.track(items, len(items), "loading images into rows")
+    ]
+    rep.note("loading torch, transformers and TRL ...")
+    from transformers import AutoProcessor, PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars: the reporter's lines say what happens
+
+    _deepspeed_env(recipe.deepspeed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = recipe.planned_steps(len(rows), world)
+    dataset = build_dataset(rows, rep)
     processor = AutoProcessor.from_pretrained(config.base_model)
-    model, trainable, frozen = load_model(config.base_model, config.bf16, config.freeze_vision)
+    # Resuming without DeepSpeed, the weights come from the checkpoint through from_pretrained: transformers 5.19's
+    # Trainer loads a checkpoint's state dict without Qwen2-VL's key mapping and silently keeps the base weights.
+    own_load = resume_from is not None and recipe.deepspeed is None
+    rep.note(f"loading the model from {resume_from if own_load else config.base_model} ...")
+    model, trainable, frozen = load_model(resume_from if own_load else config.base_model, recipe.bf16, recipe.freeze_vision)
+    rep.note(f"parameters trained / frozen: {trainable:,} / {frozen:,}; {len(rows):,} rows -> {steps:,} steps")
+    capped = recipe.max_steps > 0 or (recipe.step_cap is not None and steps == recipe.step_cap)
     args = SFTConfig(
         output_dir=str(config.output_dir),
-        num_train_epochs=config.epochs,
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accumulation,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup,  # a float below 1 is a share of the steps (transformers 5)
-        bf16=config.bf16,
-        use_cpu=config.use_cpu,
-        deepspeed=str(config.deepspeed) if config.deepspeed else None,
-        logging_steps=config.logging_steps,
-        save_strategy="no",
+        num_train_epochs=recipe.epochs,
+        max_steps=steps if capped else -1,
+        per_device_train_batch_size=recipe.batch_size,
+        gradient_accumulation_steps=recipe.grad_accumulation,
+        learning_rate=recipe.learning_rate,
+        lr_scheduler_type=recipe.lr_scheduler,
+        warmup_steps=recipe.warmup,  # a float below 1 is a share of the steps (transformers 5)
+        bf16=recipe.bf16,
+        use_cpu=recipe.use_cpu,
+        gradient_checkpointing=recipe.gradient_checkpointing,
+        deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
+        logging_steps=recipe.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=recipe.save_steps,
+        save_total_limit=recipe.save_total_limit,
         report_to="none",
-        max_length=None,  # truncation would cut image tokens
-        seed=config.seed,
+        disable_tqdm=True,
+        max_length=recipe.max_length,
+        seed=recipe.seed,
         dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor)
-    trainer.train()
-    card, log = save_model_folder(
-        trainer, processor, config.base_model, config.output_dir, "sft", {"items": str(len(rows)), "data": str(config.data)}
-    )
-    return SftResult(config.output_dir, card, log, len(rows), trainable, frozen)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    record = {**run_record(config, recipe), "overridden": sorted(config.overridden), "rows": len(rows), "planned_steps": steps}
+    (config.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    class Trainer(SFTTrainer):  # the only change: see own_load above
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            if not own_load or model is not None:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    trainer.add_callback(eta_callback(rep))
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    rep.note(f"saving the model folder into {config.output_dir} ...")
+    settings = {k: {"value": v, "source": "option" if k in config.overridden else recipe.name} for k, v in recipe.values().items()}
+    extra = {
+        "items": str(len(rows)),
+        "data": str(config.data),
+        "sft_recipe": recipe.name,
+        "sft_settings": json.dumps(settings, sort_keys=True),
+    }
+    card, log = save_model_folder(trainer, processor, config.base_model, config.output_dir, "sft", extra)
+    for ckpt in checkpoints(config.output_dir):  # the final folder supersedes them
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return SftResult(config.output_dir, card, log, len(rows), trainable, frozen, recipe, resume_from)
+
+
+def build_dataset(rows: list[dict[str, Any]], reporter: Reporter, chunk: int = 256) -> Any:
+    """``datasets.Dataset`` of ``rows`` in their order, built in chunks so encoding the images shows progress."""
+    from datasets import Dataset, concatenate_datasets
+
+    parts: list[Any] = []
+    chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
+    for c in reporter.track(chunks, len(chunks), f"building the dataset ({len(rows):,} rows, chunks of {chunk})"):
+        parts.append(Dataset.from_list(c, features=parts[0].features if parts else None))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def load_model(path: Path, bf16: bool, freeze_vision: bool) -> tuple[Any, int, int]:
@@ -178,7 +336,8 @@ def save_model_folder(
     """Write a trained model as a folder vLLM serves as is; returns (model card, TRL log history).
 
     Weights, processor and ``preprocessor_config.json``; ``train_log.json``; ``opal_model.json`` with the base
-    model's name, version ``<stage>-<sha256 of the weights, 12 hex>``, the base version and the step count.
+    model's name, version ``<stage>-<sha256 of the weights, 12 hex>``, the base version, the step count, the
+    base card's ``from_scratch`` and ``recipe`` (how this line of models trains) and ``extra``.
     """
     from transformers import Qwen2VLImageProcessor
 
@@ -192,8 +351,7 @@ def save_model_folder(
     Qwen2VLImageProcessor.from_pretrained(base_model).save_pretrained(out)  # preprocessor_config.json for vLLM
     log = list(trainer.state.log_history)
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    base_card_path = base_model / "opal_model.json"
-    base = json.loads(base_card_path.read_text()) if base_card_path.exists() else {"name": base_model.name, "version": "?"}
+    base = read_card(base_model) or {"name": base_model.name, "version": "?"}
     h = hashlib.sha256()
     for w in sorted(out.glob("*.safetensors")):
         with w.open("rb") as f:
@@ -205,6 +363,7 @@ def save_model_folder(
         "version": f"{stage}-{digest}",
         "base_version": str(base["version"]),
         "steps": str(trainer.state.global_step),
+        **{k: str(base[k]) for k in INHERITED if k in base},
         **extra,
     }
     (out / "opal_model.json").write_text(json.dumps(card, indent=2) + "\n")

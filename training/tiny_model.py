@@ -118,6 +118,9 @@ def build_tokenizer(cfg: TinyModelConfig):  # -> PreTrainedTokenizerFast
 def build_tiny_model(out: Path, cfg: TinyModelConfig = TinyModelConfig()) -> dict[str, str]:
     """Write a loadable tiny Qwen2-VL into ``out``; returns the model card (name, version, ...).
 
+    The card marks the model ``from_scratch`` and names its SFT recipe (``tiny-cpu``), which
+    ``opal train sft`` chooses by (:func:`training.recipes.choose_recipe`).
+
     Idempotent for a given (out, cfg): files are rewritten with identical bytes.
     """
     import torch
@@ -180,6 +183,8 @@ def build_tiny_model(out: Path, cfg: TinyModelConfig = TinyModelConfig()) -> dic
         "version": f"tiny-seed{cfg.seed}-{digest}",
         "parameters": str(sum(p.numel() for p in model.parameters())),
         "config": json.dumps(asdict(cfg)),
+        "from_scratch": "true",  # random weights, the vision encoder included: nothing here is pretrained
+        "recipe": "tiny-cpu",  # the SFT recipe for this line of models (training/recipes.py)
     }
     (out / "opal_model.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
