@@ -45,7 +45,7 @@ def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, flo
     from confluent_kafka.admin import AdminClient
 
     tag = uuid.uuid4().hex[:6]
-    topics = TopicSettings(**{k: f"{v}-{tag}" for k, v in TopicSettings().model_dump().items() if k != "partitions"}, partitions=3)
+    topics = TopicSettings.suffixed(tag, 3)
     s = s.model_copy(update={"topics": topics})
     apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
     codec = EventCodec(ListingImageEvent)

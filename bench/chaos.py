@@ -89,9 +89,7 @@ class Harness:
 
     def scenario(self, name: str, partitions: int = 3, **worker: str) -> Scenario:
         tag = f"{name}-{uuid.uuid4().hex[:6]}"
-        topics = TopicSettings(
-            **{k: f"{v}-{tag}" for k, v in TopicSettings().model_dump().items() if k != "partitions"}, partitions=partitions
-        )
+        topics = TopicSettings.suffixed(tag, partitions)
         s = self.settings.model_copy(update={"topics": topics})
         from confluent_kafka.admin import AdminClient
 

@@ -314,6 +314,13 @@ class TopicSettings(BaseModel):
     preferences: str = Field("opal.preference-pairs", description="Low-confidence outcomes turned into DPO pairs.")
     partitions: int = Field(6, ge=1, description="Partitions of the image and aspect topics.")
 
+    @classmethod
+    def suffixed(cls, tag: str, partitions: int) -> TopicSettings:
+        """The default topic names with ``-<tag>`` appended and ``partitions`` partitions: a namespace of
+        its own (a test, a benchmark scenario, a tenant) on a shared cluster."""
+        names = {k: f"{v}-{tag}" for k, v in cls().model_dump().items() if k != "partitions"}
+        return cls(**names, partitions=partitions)
+
 
 class WorkerSettings(BaseModel):
     """Limits of the enrichment worker."""

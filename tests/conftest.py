@@ -40,7 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
 def settings(stack: EmbeddedStack) -> OpalSettings:
     """Resolved settings with topic names unique to the test."""
     tag = uuid.uuid4().hex[:8]
-    topics = TopicSettings(**{k: f"{v}-{tag}" for k, v in TopicSettings().model_dump().items() if k != "partitions"}, partitions=3)
+    topics = TopicSettings.suffixed(tag, 3)
     return stack.settings.model_copy(update={"topics": topics})
 
 

@@ -155,9 +155,7 @@ def test_kill_9_mid_stream_loses_nothing(wsettings: OpalSettings, images: Path) 
 def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, images: Path) -> None:
     s = wsettings.model_copy(
         update={
-            "topics": wsettings.topics.model_copy(
-                update={k: f"{v}-1p" for k, v in TopicSettings().model_dump().items() if k != "partitions"} | {"partitions": 1}
-            ),
+            "topics": TopicSettings.suffixed("1p", 1),
             "worker": wsettings.worker.model_copy(update={"max_in_flight": 4, "backfill_share": 0.25, "batch_max_size": 4}),
         }
     )

@@ -38,7 +38,7 @@ def _one_partition(s: OpalSettings, **worker: object) -> OpalSettings:
     from confluent_kafka.admin import AdminClient
 
     tag = uuid.uuid4().hex[:6]
-    topics = TopicSettings(**{k: f"{v}-{tag}" for k, v in TopicSettings().model_dump().items() if k != "partitions"}, partitions=1)
+    topics = TopicSettings.suffixed(tag, 1)
     s = s.model_copy(update={"topics": topics, "worker": s.worker.model_copy(update={"group_id": f"rel-{tag}", **worker})})
     apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
     return s
