@@ -463,11 +463,12 @@ class EnrichWorker:
             if was_open:
                 log.warning("dependency %s answers again; resuming", name)
 
-    def _trip(self, dep: _Dependency, error: OpalError, opened: bool = False) -> None:
-        """Open ``dep`` (``opened``: the breaker already opened itself on this failure)."""
-        if dep.breaker.is_open and not opened:
-            return
+    def _trip(self, dep: _Dependency, error: OpalError) -> None:
+        """Open ``dep`` (idempotent); the first call after the breaker opened (itself, on a failure,
+        or here) makes records wait and counts the trip: ``dep.closed`` still set means not yet done."""
         dep.breaker.trip(str(error))
+        if not dep.closed.is_set():
+            return
         dep.closed.clear()
         self.metrics.breaker_trips.labels(dep.breaker.name).inc()
         self.metrics.breaker_open.labels(dep.breaker.name).set(1)
@@ -549,8 +550,7 @@ class EnrichWorker:
                     marks.setdefault(e.dependency, dep.breaker.mark())
                     if not getattr(e, "_opal_counted", False):  # a shared (single-flight) failure counts once
                         e._opal_counted = True  # type: ignore[attr-defined]
-                        if dep.breaker.failure(str(e)):
-                            self._trip(dep, e, opened=True)
+                        dep.breaker.failure(str(e))  # may open it: handled just below
                     spent = job.attempts >= self.w.max_attempts or not e.retriable
                     if dep.breaker.is_open or (spent and not dep.breaker.specific_to_record(marks[e.dependency])):
                         # an outage, not this record: wait for the dependency without spending an attempt
