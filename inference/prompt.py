@@ -32,10 +32,41 @@ def instruction(category: CategorySchema) -> str:
     return (
         f"Write a marketplace listing for the {category.display_name.lower()} item in the image.\n"
         f"Category: {category.category}\n"
-        f'Return JSON: {{"title": string (at most {category.title_max_chars} characters), "aspects": object}}.\n'
+        f'Return JSON: {{"aspects": object, "title": string (at most {category.title_max_chars} characters)}}.\n'
         "Use only these aspects, and only when the image shows or clearly implies them:\n" + "\n".join(parts) + "\n"
         "Leave out sizes, model numbers, prices, shipping and promotional words."
     )
+
+
+PROMPT_STYLES = ("full", "compact")
+
+# A chat template for models too small to read the whole instruction (the tiny from-scratch model: measured, the
+# photo's 16 tokens drown in hundreds of instruction tokens; ../shared/notes/ENVIRONMENT.md). It renders the same
+# messages (serving, SFT, DPO, judge all build them here) as: no system message, the image placeholders, and only
+# the category from the instruction's "Category: " line. Being part of the model folder, it travels with the model:
+# vLLM and TRL both render through it, so train and serve stay identical without any client setting.
+COMPACT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}"
+    "{% if message['role'] == 'user' and 'Category: ' in content['text'] %}"
+    "{{ content['text'].split('Category: ')[1].split('\\n')[0] }}"
+    "{% else %}{{ content['text'] }}{% endif %}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_template(style: str) -> str | None:
+    """The chat template a model trained with ``style`` carries: the compact one, or None (keep the model's own)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}; known: {', '.join(PROMPT_STYLES)}")
+    return COMPACT_CHAT_TEMPLATE if style == "compact" else None
 
 
 def serving_messages(category: CategorySchema, image_urls: list[str]) -> list[dict[str, Any]]:
@@ -53,10 +84,14 @@ def sft_prompt(category: CategorySchema, n_images: int = 1) -> list[dict[str, An
 
 
 def completion_json(title: str, aspects: Mapping[str, str], category: CategorySchema) -> str:
-    """The target completion: title first, aspects in schema order, compact (what decoding emits)."""
+    """The target completion: aspects first (in schema order), then the title, compact (what decoding emits).
+
+    Aspects come first so the model names what it sees (colour, material...) right after the photo, and then
+    writes a title that can use them; a title first would put tens of tokens between the image and every aspect.
+    """
     order = {name: i for i, name in enumerate(category.names)}
     ordered = dict(sorted(aspects.items(), key=lambda kv: order.get(kv[0], len(order))))
-    return json.dumps({"title": title, "aspects": ordered}, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps({"aspects": ordered, "title": title}, ensure_ascii=False, separators=(",", ":"))
 
 
 def sft_completion(title: str, aspects: Mapping[str, str], category: CategorySchema) -> list[dict[str, Any]]:

@@ -108,11 +108,11 @@ class CategorySchema(BaseModel):
         return {
             "title": f"OPAL listing: {self.display_name}",
             "type": "object",
-            "properties": {
-                "title": {"type": "string", "minLength": 1, "maxLength": self.title_max_chars},
+            "properties": {  # aspects first: constrained decoding emits keys in this order (inference/prompt.py)
                 "aspects": aspects,
+                "title": {"type": "string", "minLength": 1, "maxLength": self.title_max_chars},
             },
-            "required": ["title", "aspects"],
+            "required": ["aspects", "title"],
             "additionalProperties": False,
         }
 

@@ -5,8 +5,10 @@ OPAL_REDIS_URL when those are set)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -177,3 +179,39 @@ def worker_events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str 
         local = SampleListing(s.item_id, images / s.image.name, s.title, s.product_type, s.color)
         out.append(sample_event(local, lane).model_copy(update={"listing_id": f"{prefix}-{i}-{s.item_id}"}))
     return out
+
+
+def served_prompt_ids(url: str, sample: Any) -> list[int]:
+    """Token ids of the serving request for ``sample`` as the vLLM server at ``url`` renders them (/tokenize)."""
+    import base64
+
+    import httpx
+
+    from inference.prompt import serving_messages
+    from schemas.category import default_categories
+
+    cat = default_categories().get(sample.product_type)
+    image = "data:image/jpeg;base64," + base64.b64encode(sample.image.read_bytes()).decode()
+    model = httpx.get(f"{url}/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "messages": serving_messages(cat, [image]), "add_generation_prompt": True}
+    r = httpx.post(url.removesuffix("/v1") + "/tokenize", timeout=60, json=body)
+    assert r.status_code == 200, r.text
+    return [int(t) for t in r.json()["tokens"]]
+
+
+def trl_prompt_ids(model: Path, sample: Any) -> list[int]:
+    """Token ids of the SFT row's prompt for ``sample`` as TRL's collator renders it with ``model``'s processor."""
+    probe = (
+        "import json\n"
+        "from PIL import Image\n"
+        "from transformers import AutoProcessor\n"
+        "from schemas.category import default_categories\n"
+        "from training.sft_format import sft_row, trl_prompt_ids\n"
+        f"cat = default_categories().get({sample.product_type!r})\n"
+        f"img = Image.open({str(sample.image)!r}).convert('RGB')\n"
+        f"proc = AutoProcessor.from_pretrained({str(model)!r})\n"
+        "print(json.dumps(trl_prompt_ids(sft_row('t', {'Color': 'white'}, cat, img), proc)))\n"
+    )
+    out = subprocess.run([str(REPO / ".venv-model" / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [int(t) for t in json.loads(out.stdout.strip().splitlines()[-1])]

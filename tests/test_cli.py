@@ -62,5 +62,9 @@ def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
     for reason in ("malformed_event", "unknown_category", "invalid_image"):
         assert reason in r.stdout
     assert "schema-valid: 40/40" in r.stdout
+    flat = " ".join(r.stdout.split())
+    shipped = json.loads((REPO / "models" / "opal-tiny-abo" / "opal_model.json").read_text())["version"]
+    assert f"model opal-tiny {shipped}" in flat, flat[-1500:]  # the trained model in the repository, not a random one
+    assert "outside the model's training split (13 of 40)" in flat
     found = re.search(r"search index: (\d+) listings indexed; .+=.+ finds (\d+) of them", r.stdout)
     assert found and found.group(1) == "40" and 1 <= int(found.group(2)) <= 40, r.stdout[-2000:]

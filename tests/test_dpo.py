@@ -69,7 +69,8 @@ def test_no_usable_pairs_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> N
 @pytest.mark.vllm
 def test_pairs_from_a_served_model_are_the_bottom_two_verdicts(vllm_url: str, tmp_path: Path) -> None:
     out = tmp_path / "pairs.jsonl"
-    r = subprocess.run([opal_bin(), "data", "pairs", "--endpoint", vllm_url, "--limit", "10", "--out", str(out)], **RUN)
+    cmd = [opal_bin(), "data", "pairs", "--endpoint", vllm_url, "--data", str(SAMPLE_DIR), "--limit", "10", "--out", str(out)]
+    r = subprocess.run(cmd, **RUN)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     pairs = read_pairs(out)
     assert pairs, r.stdout  # the tiny model has random weights: most of its listings are judged (mostly) incorrect

@@ -58,7 +58,7 @@ def test_pairs_only_for_the_bottom_two_levels() -> None:
     pair = preference_pair(out, SHOES, image)
     assert pair is not None and pair.verdict is Verdict.INCORRECT
     assert json.loads(pair.chosen) == {"title": REF[0], "aspects": REF[1]}
-    assert pair.chosen.startswith('{"title"')  # the order the model emits
+    assert pair.chosen.startswith('{"aspects"')  # the order the model emits (aspects first, then the title)
     assert json.loads(pair.rejected) == {"title": "blue running sneaker", "aspects": {"Color": "blue"}}
     assert preference_pair(out, SHOES, image).pair_id == pair.pair_id  # deterministic: re-emitting is idempotent
     good = to_outcome(reference_judge(REF[0], REF[1], *REF), "l1", "e1", "shoes", REF[0], REF[1], MODEL, reference=REF)

@@ -19,10 +19,11 @@ import pytest
 from rich.console import Console
 
 from inference.client import ListingClient
+from inference.prompt import COMPACT_CHAT_TEMPLATE
 from opal.samples import SAMPLE_DIR, load_samples
 from opal.vllm_server import start_vllm
 from schemas.settings import VllmSettings
-from tests.conftest import REPO, opal_bin
+from tests.conftest import REPO, opal_bin, served_prompt_ids, trl_prompt_ids
 from training.progress import Reporter, eta_line, fmt_duration
 from training.recipes import PAPER_ZERO3, TINY_CPU, ZERO3, apply_overrides, choose_recipe, recipe_rows
 
@@ -51,7 +52,9 @@ def compare(base: Path, trained: Path) -> dict[str, int]:
 
 
 # One short run with explicit overrides; the resume test repeats it with a stop in the middle.
+# The vision stage has its own test (test_vision_stage.py): the 40 samples are too few for its heads anyway.
 SFT_ARGS = ["--data", str(SAMPLE_DIR), "--max-steps", "16", "--lr", "2e-3", "--save-steps", "4", "--logging-steps", "4"]
+SFT_ARGS += ["--vision-stage-steps", "0"]
 
 
 def sft_cmd(base: Path, out: Path, *extra: str) -> list[str]:
@@ -78,7 +81,7 @@ def sft_model(sft_run: tuple[Path, str]) -> Path:
 
 
 @pytest.mark.model_env
-def test_sft_lowers_the_loss_and_keeps_the_vision_tower_frozen(sft_model: Path, tiny_model: Path) -> None:
+def test_sft_lowers_the_loss_keeps_the_vision_tower_frozen_and_ships_the_compact_template(sft_model: Path, tiny_model: Path) -> None:
     log = json.loads((sft_model / "train_log.json").read_text())
     losses = [h["loss"] for h in log if "loss" in h]
     assert len(losses) >= 3 and losses[-1] < losses[0] * 0.8, losses
@@ -87,8 +90,9 @@ def test_sft_lowers_the_loss_and_keeps_the_vision_tower_frozen(sft_model: Path, 
     assert card["version"].startswith("sft-") and card["base_version"] == base["version"] and card["steps"] == "16"
     assert (sft_model / "loss.png").read_bytes()[:4] == b"\x89PNG"
     diff = compare(tiny_model, sft_model)
-    assert diff["vision_keys"] > 0 and diff["vision_changed"] == 0, diff
+    assert diff["vision_keys"] > 0 and diff["vision_changed"] == 0, diff  # --vision-stage-steps 0 in SFT_ARGS: SFT alone
     assert diff["text_changed"] >= diff["text_keys"] // 2, diff
+    assert card["prompt_style"] == "compact" and (sft_model / "chat_template.jinja").read_text() == COMPACT_CHAT_TEMPLATE
 
 
 @pytest.mark.model_env
@@ -99,7 +103,9 @@ def test_sft_prints_the_recipe_and_progress_before_training_and_records_the_reci
     assert "SFT recipe tiny-cpu" in stdout
     rows = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"^[│|] (\w+)\s+[│|] (\S+)\s+[│|] (\S+)\s+[│|]$", stdout, re.M)}
     assert rows["learning_rate"] == ("0.002", "option") and rows["max_steps"] == ("16", "option")
-    assert rows["batch_size"] == ("8", "tiny-cpu") and rows["epochs"] == ("2", "tiny-cpu") and rows["freeze_vision"] == ("True", "tiny-cpu")
+    assert rows["batch_size"] == ("16", "tiny-cpu") and rows["epochs"] == ("4", "tiny-cpu")
+    assert rows["freeze_vision"] == ("True", "tiny-cpu")
+    assert rows["vision_stage_steps"] == ("0", "option") and rows["prompt_style"] == ("compact", "tiny-cpu")
     assert set(rows) >= {"lr_scheduler", "warmup", "grad_accumulation", "max_length", "bf16", "deepspeed", "save_steps", "seed"}
 
     def at(text: str) -> int:
@@ -107,7 +113,7 @@ def test_sft_prints_the_recipe_and_progress_before_training_and_records_the_reci
         return stdout.index(text)
 
     # progress from the start: the table, then data preparation, then every logging step with an ETA
-    assert at("SFT recipe") < at("reading listings from") < at("loading images into rows: 0/") < at("training: 16 steps")
+    assert at("SFT recipe") < at("reading listings from") < at("building rows: 0/") < at("training: 16 steps")
     steps = re.findall(r"step (\d+)/16  loss [\d.]+  lr \S+  elapsed \d+:\d\d  eta (\d+:\d\d|\?)", stdout)
     assert [int(s) for s, _ in steps] == [1, 4, 8, 12, 16] and steps[-1][1] == "0:00", steps
     assert at("checkpoint saved: ") < at("step 8/16")
@@ -116,7 +122,7 @@ def test_sft_prints_the_recipe_and_progress_before_training_and_records_the_reci
     settings = json.loads(card["sft_settings"])
     assert card["sft_recipe"] == "tiny-cpu" and (card["recipe"], card["from_scratch"]) == ("tiny-cpu", "true")
     assert settings["learning_rate"] == {"value": 0.002, "source": "option"}
-    assert settings["batch_size"] == {"value": 8, "source": "tiny-cpu"}
+    assert settings["batch_size"] == {"value": 16, "source": "tiny-cpu"}
     assert json.loads((out / "sft_run.json").read_text())["settings"]["learning_rate"] == 0.002
     assert not list(out.glob("checkpoint-*"))  # the final folder supersedes them
 
@@ -157,7 +163,7 @@ def test_a_stopped_run_leaves_a_checkpoint_and_resume_finishes_it_bit_exactly(ti
     fresh = subprocess.run(sft_cmd(tiny_model, out), **RUN)  # without --resume the checkpoints are not thrown away
     assert fresh.returncode == 2 and "pass --resume" in " ".join(fresh.stdout.split()), fresh.stdout[-2000:]
     other = subprocess.run(sft_cmd(tiny_model, out, "--resume", "--batch-size", "4"), **RUN)
-    assert other.returncode == 2 and "batch_size: 8 -> 4" in " ".join(other.stdout.split()), other.stdout[-2000:]
+    assert other.returncode == 2 and "batch_size: 16 -> 4" in " ".join(other.stdout.split()), other.stdout[-2000:]
 
     r = subprocess.run(sft_cmd(tiny_model, out, "--resume"), **RUN)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -182,9 +188,14 @@ def test_vllm_serves_the_sft_model(sft_model: Path, tmp_path: Path) -> None:
                 return res.model.version, res.check.valid
 
         version, valid = asyncio.run(one())
+        served_ids = served_prompt_ids(url, sample)
     finally:
         proc.stop()
     assert version == json.loads((sft_model / "opal_model.json").read_text())["version"] and valid
+    # The compact chat template travels in the model folder: vLLM renders the serving request exactly as TRL rendered
+    # the SFT row (image placeholders + category, no instruction), token for token.
+    assert served_ids == trl_prompt_ids(sft_model, sample), "train and serve prompts differ"
+    assert len(served_ids) < 40  # the compact prompt: no system prompt, no aspect list
 
 
 @pytest.mark.model_env
@@ -242,10 +253,12 @@ def test_the_base_models_card_chooses_the_recipe(tmp_path: Path) -> None:
 
 def test_the_recipes_hold_the_measured_and_the_papers_numbers() -> None:
     t = TINY_CPU
-    assert (t.learning_rate, t.batch_size, t.use_cpu, t.bf16, t.deepspeed, t.freeze_vision) == (1e-3, 8, True, False, None, True)
-    assert TINY_CPU.planned_steps(4082) == 1022  # the ABO train split: 2 epochs of batch 8
-    assert TINY_CPU.planned_steps(5000) == 1250  # ~5k items: ~7 minutes on 2 cores
-    assert TINY_CPU.planned_steps(20_000) == 2400  # capped: at most ~20 minutes
+    assert (t.learning_rate, t.batch_size, t.use_cpu, t.bf16, t.deepspeed, t.freeze_vision) == (1e-3, 16, True, False, None, True)
+    assert (t.vision_stage_steps, t.prompt_style) == (400, "compact")  # a random tower must learn to see first
+    assert TINY_CPU.planned_steps(4082) == 1024  # the ABO train split: 4 epochs of batch 16
+    assert TINY_CPU.planned_steps(5000) == 1252  # ~5k items: a few minutes on 2 cores
+    assert TINY_CPU.planned_steps(20_000) == 2400  # capped
+    assert (PAPER_ZERO3.vision_stage_steps, PAPER_ZERO3.prompt_style) == (0, "full")  # a pretrained encoder sees already
     p = PAPER_ZERO3
     assert (p.learning_rate, p.lr_scheduler, p.warmup, p.epochs) == (2e-5, "cosine", 0.1, 1.0)
     assert (p.bf16, p.use_cpu, p.freeze_vision, p.gradient_checkpointing) == (True, False, True, True)
@@ -258,15 +271,17 @@ def test_the_recipes_hold_the_measured_and_the_papers_numbers() -> None:
 
 def test_explicit_options_override_the_recipe_and_the_table_says_so() -> None:
     effective, overridden = apply_overrides(TINY_CPU, {"learning_rate": 5e-4, "max_steps": 16, "batch_size": None, "deepspeed": ZERO3})
-    assert (effective.learning_rate, effective.max_steps, effective.batch_size, effective.deepspeed) == (5e-4, 16, 8, ZERO3)
+    assert (effective.learning_rate, effective.max_steps, effective.batch_size, effective.deepspeed) == (5e-4, 16, 16, ZERO3)
     assert effective.name == "tiny-cpu" and overridden == {"learning_rate", "max_steps", "deepspeed"}
     assert effective.planned_steps(10_000) == 16  # an explicit step count is exact: no epochs, no cap
     rows = {name: (value, source) for name, value, source in recipe_rows(effective, overridden)}
-    assert rows["learning_rate"] == ("0.0005", "option") and rows["batch_size"] == ("8", "tiny-cpu")
+    assert rows["learning_rate"] == ("0.0005", "option") and rows["batch_size"] == ("16", "tiny-cpu")
     assert rows["max_length"] == ("-", "tiny-cpu") and rows["deepspeed"] == (str(ZERO3), "option")
     assert set(rows) == set(TINY_CPU.values()) and "name" not in rows
     with pytest.raises(ValueError, match="not recipe fields"):
         apply_overrides(TINY_CPU, {"lr": 1.0})
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        apply_overrides(TINY_CPU, {"prompt_style": "short"})
 
 
 def test_train_sft_has_no_toy_default_for_data(tmp_path: Path) -> None:

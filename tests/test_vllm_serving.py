@@ -7,7 +7,6 @@ module, and the crash test runs its own through `opal serve`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import signal
@@ -16,19 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
 
 from inference.client import InferenceUnavailableError, ListingClient
 from inference.images import ImageRejectedError
-from inference.prompt import serving_messages
 from opal.cpu_affinity import descendants, process_name
 from opal.embedded import ManagedProcess, _group_members
 from opal.samples import load_samples
 from schemas.category import default_categories
 from schemas.errors import OpalError
-from tests.conftest import REPO, opal_bin
+from tests.conftest import REPO, opal_bin, served_prompt_ids, trl_prompt_ids
 
 pytestmark = pytest.mark.vllm
 MODEL_PY = REPO / ".venv-model" / "bin" / "python"
@@ -101,31 +98,7 @@ def test_corrupt_image_never_reaches_the_server(server: str) -> None:
 def test_serving_prompt_equals_trl_training_prompt(server: str, tiny_model: Path) -> None:
     """vLLM's rendering of the serving request == TRL's collator rendering of the SFT row, token for token."""
     sample = load_samples()[0]
-    cat = default_categories().get(sample.product_type)
-    url = "data:image/jpeg;base64," + base64.b64encode(sample.image.read_bytes()).decode()
-    model = httpx.get(f"{server}/models", timeout=30).json()["data"][0]["id"]
-    r = httpx.post(
-        server.removesuffix("/v1") + "/tokenize",
-        timeout=60,
-        json={"model": model, "messages": serving_messages(cat, [url]), "add_generation_prompt": True},
-    )
-    assert r.status_code == 200, r.text
-    served_ids = r.json()["tokens"]
-    probe = (
-        "import json, sys\n"
-        "from PIL import Image\n"
-        "from transformers import AutoProcessor\n"
-        "from schemas.category import default_categories\n"
-        "from training.sft_format import sft_row, trl_prompt_ids\n"
-        f"cat = default_categories().get({sample.product_type!r})\n"
-        f"img = Image.open({str(sample.image)!r}).convert('RGB')\n"
-        f"proc = AutoProcessor.from_pretrained({str(tiny_model)!r})\n"
-        "print(json.dumps(trl_prompt_ids(sft_row('t', {'Color': 'white'}, cat, img), proc)))\n"
-    )
-    out = subprocess.run([str(MODEL_PY), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    trained_ids = json.loads(out.stdout.strip().splitlines()[-1])
-    assert trained_ids == served_ids
+    assert trl_prompt_ids(tiny_model, sample) == served_prompt_ids(server, sample)
 
 
 def _children(pid: int) -> list[int]:

@@ -138,7 +138,16 @@ def group_key(title: str, words: int = 4) -> str:
 
 def split_of(record: ListingRecord, by: Literal["group", "item"] = "group", validation: float = 0.1, test: float = 0.1) -> Split:
     """Deterministic split from a hash of the group key (default) or the item id."""
-    key = group_key(record.title) if by == "group" else record.item_id
+    return key_split(group_key(record.title) if by == "group" else record.item_id, validation, test)
+
+
+def title_split(title: str) -> Split:
+    """The grouped split a listing with this catalogue title falls in (what :func:`split_of` gives its record)."""
+    return key_split(group_key(title))
+
+
+def key_split(key: str, validation: float = 0.1, test: float = 0.1) -> Split:
+    """Split of a group key (or item id) by its hash: ``test`` share first, then ``validation``, the rest ``train``."""
     bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     if bucket < test:
         return "test"

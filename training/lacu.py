@@ -23,6 +23,13 @@ from schemas.category import CategorySchema
 from training.abo import QA_RULES
 
 MIN_ROUNDS = 5
+# listing-level rounds that pad a conversation to MIN_ROUNDS (they say nothing about what the photo shows)
+FILLER_QUESTIONS = (
+    "Which category is it listed in?",
+    "Does the photo show its size?",
+    "Is the item shown on its own?",
+    "Can you describe it in one line?",
+)
 
 QUESTIONS: dict[str, str] = {
     "Color": "What colour is it?",
@@ -83,17 +90,27 @@ def conversation_from_listing(
         candidate = Turn(q.rstrip("?") + "?", a[:1].upper() + a[1:] + ".")
         if not contradictions([candidate], aspects, category):
             turns.append(candidate)
-    fillers = [
-        Turn("Which category is it listed in?", f"{category.display_name}."),
-        Turn("Does the photo show its size?", "No. Sizes and measurements are not visible in the photo; please check the listing details."),
-        Turn("Is the item shown on its own?", "Yes, the photo shows the item itself."),
-        Turn("Can you describe it in one line?", f"{title}."),
-    ]
+    answers = (
+        f"{category.display_name}.",
+        "No. Sizes and measurements are not visible in the photo; please check the listing details.",
+        "Yes, the photo shows the item itself.",
+        f"{title}.",
+    )
+    fillers = [Turn(q, a) for q, a in zip(FILLER_QUESTIONS, answers, strict=True)]
     for f in fillers:
         if len(turns) >= min_rounds:
             break
         turns.append(f)
     return turns
+
+
+def visual_rounds(turns: list[Turn]) -> list[Turn]:
+    """The rounds about what the photo shows: aspects and catalogue Q&A, without the opening title round and fillers.
+
+    These are the LACU rows SFT adds (:func:`training.sft_format.qa_rows`): the title round repeats the listing
+    row's target and the fillers say nothing about the photo.
+    """
+    return [t for i, t in enumerate(turns) if i > 0 and t.buyer not in FILLER_QUESTIONS]
 
 
 def to_sft_messages(turns: list[Turn]) -> list[dict[str, Any]]:

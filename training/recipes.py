@@ -2,13 +2,16 @@
 
 Two recipes, each a frozen :class:`SftRecipe` whose fields document themselves:
 
-- ``tiny-cpu`` for the from-scratch tiny model ``opal model init-tiny`` builds. Measured on
-  these 2-core machines (docs: ``../shared/notes/ENVIRONMENT.md``): lr 2e-5 barely moves a
-  from-scratch model (loss 6.94 -> 6.84 in 50 steps), lr 1e-3 with batch 8 learns
-  (6.9 -> 2.2 in 300 steps). Measured with this recipe on the 4,082 ABO train items: 2
-  epochs = 1,022 steps, 0.30-0.33 s/step, 5 min 40 s in all (data preparation included),
-  loss 6.96 -> 1.36. ~5k items take ~7 minutes; the cap of 2,400 steps (~13 minutes at that
-  pace, leaving room for cores shared with other work) bounds larger sets.
+- ``tiny-cpu`` for the from-scratch tiny model ``opal model init-tiny`` builds. lr 2e-5 barely
+  moves a from-scratch model (loss 6.94 -> 6.84 in 50 steps); lr 1e-3 learns. A random vision
+  tower, frozen or trained inside SFT, leaves the model blind (swapping photos within a
+  category changed nothing), so the recipe runs a vision stage first
+  (:mod:`training.vision_stage`: 400 steps, the tower learns category and aspect heads from
+  the photos), then SFT with the tower frozen and the compact prompt (the model's chat
+  template keeps the image and the category; :mod:`inference.prompt`). The comparison that
+  chose it is in ``docs/MODEL.md``. Measured on the 4,082 ABO train items: ~3 minutes on 2
+  cores in all (4 epochs = 1,024 steps at ~0.1 s/step); the cap of 2,400 steps bounds larger
+  sets (~5 minutes of steps for ~10k items).
 - ``paper-zero3`` for a pretrained 7-8B backbone (Qwen2-VL-7B, InternVL2.5-8B) on 8xA100:
   the paper's SFT (full-parameter, frozen pretrained vision, bf16, DeepSpeed ZeRO-3,
   1 epoch, cosine schedule, 10% warm-up). The learning rate (2e-5), per-device batch 4 x
@@ -24,7 +27,7 @@ Contract
 - :func:`apply_overrides` returns the recipe with explicitly given values replaced (``None``
   means "not given"); unknown field names raise ``ValueError``. The result keeps the
   recipe's name; which fields were overridden is returned separately for the table.
-- Standard library only: the stream environment imports this module too.
+- No torch: the stream environment imports this module too.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from inference.prompt import PROMPT_STYLES
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "training" / "configs" / "zero3.json"
@@ -64,6 +69,20 @@ class SftRecipe:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (memory for time)."})
     deepspeed: Path | None = field(default=None, metadata={"help": "DeepSpeed JSON config (ZeRO-3 for the paper); None: plain DDP/CPU."})
     freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision encoder (the paper freezes a pretrained one)."})
+    vision_stage_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps of the vision stage before SFT (training/vision_stage.py: the tower learns category and aspect "
+            "heads from the photos); 0: none (a pretrained encoder needs none)."
+        },
+    )
+    prompt_style: str = field(
+        default="full",
+        metadata={
+            "help": "full: the model reads the whole instruction (system prompt, aspect list); compact: its chat template "
+            "renders only the image and the category (inference/prompt.py), for models too small to read long prompts."
+        },
+    )
     save_steps: int = field(default=100, metadata={"help": "Write a resumable checkpoint into the output folder every this many steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (older ones are deleted)."})
     logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and ETA every this many steps."})
@@ -91,14 +110,18 @@ class SftRecipe:
 TINY_CPU = SftRecipe(
     name="tiny-cpu",
     summary=(
-        "from-scratch tiny model on a 2-core CPU: lr 1e-3, batch 8 (lr 2e-5 barely moves it); "
-        "2 epochs, at most 2,400 steps (measured ~0.3 s/step: ~7 min for ~5k items)"
+        "from-scratch tiny model on a 2-core CPU: a 400-step vision stage teaches the random tower to see "
+        "(category/colour/material heads), then SFT with the tower frozen, compact prompt, lr 1e-3, batch 16, "
+        "4 epochs (at most 2,400 steps); measured ~3 min for the 4,082 ABO train items"
     ),
     learning_rate=1e-3,
-    batch_size=8,
+    batch_size=16,
     grad_accumulation=1,
-    epochs=2.0,
+    epochs=4.0,
     step_cap=2400,
+    freeze_vision=True,  # after the vision stage (measured: frozen 0.424 colour vs 0.380 trained on with the rest)
+    vision_stage_steps=400,
+    prompt_style="compact",
     max_length=None,  # truncation would cut image tokens; tiny rows are short anyway
     bf16=False,
     use_cpu=True,
@@ -166,6 +189,8 @@ def apply_overrides(recipe: SftRecipe, overrides: dict[str, Any]) -> tuple[SftRe
     unknown = set(given) - OVERRIDABLE
     if unknown:
         raise ValueError(f"not recipe fields: {', '.join(sorted(unknown))}")
+    if "prompt_style" in given and given["prompt_style"] not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {given['prompt_style']!r}; known: {', '.join(PROMPT_STYLES)}")
     return replace(recipe, **given), frozenset(given)
 
 

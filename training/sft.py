@@ -44,20 +44,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference.prompt import chat_template
 from schemas.category import CategoryRegistry, default_categories
 from training.abo import ListingRecord, load_abo, split_of
+from training.lacu import conversation_from_listing, visual_rounds
 from training.mace import refine
 from training.progress import Reporter, eta_callback
 from training.recipes import REPO, SftRecipe, choose_recipe, read_card
-from training.sft_format import sft_row
+from training.sft_format import qa_rows, sft_row
+from training.vision_stage import LabelledImage, VisionStageConfig, VisionStageResult, run_vision_stage
 
 STALE = ("train_log.json", "opal_model.json", "loss.png", "dpo.png", "dpo_summary.json")  # removed before a save
 RUN_FILE = "sft_run.json"
@@ -77,6 +81,11 @@ class SftRunConfig:
     output_dir: Path = field(metadata={"help": "Where the trained model folder (and checkpoints while training) is written."})
     mace: Path | None = field(default=None, metadata={"help": "`opal data mace` JSONL: use its MLLM-refined listings."})
     limit: int | None = field(default=None, metadata={"help": "Train on at most this many items (first by item id)."})
+    refine: bool = field(default=True, metadata={"help": "MACE-refine the listings; False trains on the raw catalogue titles/aspects."})
+    lacu: bool = field(
+        default=False,
+        metadata={"help": "Add LACU rows: each item's buyer/seller Q&A rounds (training/lacu.py), one row per round with the photo."},
+    )
     recipe: SftRecipe | None = field(default=None, metadata={"help": "Effective hyper-parameters; None: the base's card chooses."})
     overridden: frozenset[str] = field(default=frozenset(), metadata={"help": "Recipe fields set by explicit options (for the record)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir (if any)."})
@@ -125,9 +134,11 @@ def training_items(
         if not any(r.item_id in mllm for r in records):
             raise ValueError(f"{config.mace} refines none of the train items of {config.data} (built from another folder?)")
     out = []
-    source = "MACE (rules + MLLM JSONL)" if config.mace else "MACE (rules)"
+    source = "raw catalogue listings (no MACE)" if not config.refine else "MACE (rules + MLLM JSONL)" if config.mace else "MACE (rules)"
     for r in reporter.track(records, len(records), f"refining with {source}") if reporter else records:
-        if r.item_id in mllm:
+        if not config.refine:
+            title, aspects = r.title, dict(r.aspects)
+        elif r.item_id in mllm:
             title, aspects = mllm[r.item_id]["title"], dict(mllm[r.item_id]["aspects"])
         else:
             det = refine(r.item_id, r.title, r.aspects, categories.get(r.category))
@@ -160,6 +171,8 @@ def run_record(config: SftRunConfig, recipe: SftRecipe) -> dict[str, Any]:
         "data": str(config.data.resolve()),
         "mace": str(config.mace.resolve()) if config.mace else None,
         "limit": config.limit,
+        "refine": config.refine,
+        "lacu": config.lacu,
         "recipe": recipe.name,
         "settings": recipe.values(),
     }
@@ -170,7 +183,7 @@ def _check_resumable(config: SftRunConfig, recipe: SftRecipe) -> None:
     if not path.is_file():
         raise ValueError(f"{config.output_dir} has checkpoints but no {RUN_FILE}: not an `opal train sft` run, cannot resume")
     before, now = json.loads(path.read_text()), run_record(config, recipe)
-    diffs = [k for k in ("base_model", "data", "mace", "limit") if before.get(k) != now[k]]
+    diffs = [k for k in ("base_model", "data", "mace", "limit", "refine", "lacu") if before.get(k) != now[k]]
     old_settings = before.get("settings", {})
     diffs += [k for k, v in now["settings"].items() if k not in RESUMABLE_CHANGES and old_settings.get(k) != v]
     if diffs:
@@ -229,12 +242,16 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     items = training_items(config, cats, rep)
     if not items:
         raise ValueError(f"no train items in {config.data}")
-    from PIL import Image
-
-    rows = [
-        sft_row(title, aspects, cats.get(r.category), Image.open(r.image).convert("RGB"))
-        for r, title, aspects in rep.track(items, len(items), "loading images into rows")
-    ]
+    rows = []
+    for r, title, aspects in rep.track(items, len(items), "building rows"):
+        image = str(r.image)  # decoded lazily by the dataset's Image feature (see build_dataset)
+        rows.append(sft_row(title, aspects, cats.get(r.category), image))
+        if config.lacu:
+            turns = conversation_from_listing(title, aspects, cats.get(r.category), r.qa)
+            rows += qa_rows([(t.buyer, t.seller) for t in visual_rounds(turns)], image)
+    if config.lacu:
+        rep.note(f"{len(rows) - len(items):,} LACU Q&A rows beside {len(items):,} listing rows")
+        random.Random(recipe.seed).shuffle(rows)  # TRL shuffles too; this keeps an item's rounds out of one batch
     rep.note("loading torch, transformers and TRL ...")
     from transformers import AutoProcessor, PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
@@ -252,6 +269,13 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     own_load = resume_from is not None and recipe.deepspeed is None
     rep.note(f"loading the model from {resume_from if own_load else config.base_model} ...")
     model, trainable, frozen = load_model(resume_from if own_load else config.base_model, recipe.bf16, recipe.freeze_vision)
+    vision = None
+    if recipe.vision_stage_steps > 0 and resume_from is None:  # a checkpoint already holds the trained tower
+        vision = _vision_stage(model, processor, config, recipe, items, cats, rep)
+    template = chat_template(recipe.prompt_style)
+    if template is not None:  # saved with the processor: vLLM and TRL render the same compact prompt
+        processor.chat_template = template
+        processor.tokenizer.chat_template = template
     rep.note(f"parameters trained / frozen: {trainable:,} / {frozen:,}; {len(rows):,} rows -> {steps:,} steps")
     capped = recipe.max_steps > 0 or (recipe.step_cap is not None and steps == recipe.step_cap)
     args = SFTConfig(
@@ -299,22 +323,53 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
         "data": str(config.data),
         "sft_recipe": recipe.name,
         "sft_settings": json.dumps(settings, sort_keys=True),
+        "prompt_style": recipe.prompt_style,
     }
+    if vision is not None:
+        extra["vision_stage"] = json.dumps(asdict(vision), sort_keys=True)
     card, log = save_model_folder(trainer, processor, config.base_model, config.output_dir, "sft", extra)
     for ckpt in checkpoints(config.output_dir):  # the final folder supersedes them
         shutil.rmtree(ckpt, ignore_errors=True)
     return SftResult(config.output_dir, card, log, len(rows), trainable, frozen, recipe, resume_from)
 
 
-def build_dataset(rows: list[dict[str, Any]], reporter: Reporter, chunk: int = 256) -> Any:
-    """``datasets.Dataset`` of ``rows`` in their order, built in chunks so encoding the images shows progress."""
-    from datasets import Dataset, concatenate_datasets
+def _vision_stage(
+    model: Any,
+    processor: Any,
+    config: SftRunConfig,
+    recipe: SftRecipe,
+    items: list[tuple[ListingRecord, str, dict[str, str]]],
+    cats: CategoryRegistry,
+    rep: Reporter,
+) -> VisionStageResult:
+    """Run the recipe's vision stage on the training items; held-out accuracy on the data's validation split."""
+    train = [LabelledImage(r.image, {"category": r.category, **aspects}) for r, _, aspects in items]
+    val = [
+        LabelledImage(r.image, {"category": r.category, **r.aspects}) for r in load_abo(config.data, cats) if split_of(r) == "validation"
+    ]
+    stage = VisionStageConfig(steps=recipe.vision_stage_steps, seed=recipe.seed)
+    rep.note(f"vision stage: {stage.steps} steps of {stage.batch_size} images (lr {stage.learning_rate:g}) on {len(train):,} items")
+    result = run_vision_stage(model, processor, train, stage, rep, heldout=val)
+    for h in result.heads:
+        held = (
+            "-"
+            if h.heldout_accuracy is None
+            else f"{h.heldout_accuracy:.3f} (commonest class {h.heldout_majority:.3f}, n={h.heldout_items})"
+        )
+        rep.note(f"vision stage head {h.name}: {h.classes} classes · train {h.train_accuracy:.3f} · validation {held}")
+    return result
 
-    parts: list[Any] = []
-    chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
-    for c in reporter.track(chunks, len(chunks), f"building the dataset ({len(rows):,} rows, chunks of {chunk})"):
-        parts.append(Dataset.from_list(c, features=parts[0].features if parts else None))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+def build_dataset(rows: list[dict[str, Any]], reporter: Reporter) -> Any:
+    """``datasets.Dataset`` of ``rows`` in their order; ``images`` hold file paths, decoded (PIL) when a batch is built.
+
+    Storing paths instead of encoded pixels makes building the dataset instant (encoding 4k PIL images into Arrow
+    took ~50 s) and keeps memory flat; the processor converts every image to RGB itself.
+    """
+    from datasets import Dataset, Image, List
+
+    reporter.note(f"building the dataset ({len(rows):,} rows) ...")
+    return Dataset.from_list(rows).cast_column("images", List(Image()))
 
 
 def load_model(path: Path, bf16: bool, freeze_vision: bool) -> tuple[Any, int, int]:
@@ -347,6 +402,7 @@ def save_model_folder(
     for stale in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json"), *(out / n for n in STALE)]:
         stale.unlink(missing_ok=True)  # a previous run's shards or plots must not mix with this one
     trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the card and sft_run.json record every setting
     processor.save_pretrained(out)
     Qwen2VLImageProcessor.from_pretrained(base_model).save_pretrained(out)  # preprocessor_config.json for vLLM
     log = list(trainer.state.log_history)

@@ -4,7 +4,7 @@ the model for a row's prompt (used to prove train/serve prompt identity)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from inference.prompt import sft_completion, sft_prompt
@@ -14,6 +14,22 @@ from schemas.category import CategorySchema
 def sft_row(title: str, aspects: Mapping[str, str], category: CategorySchema, image: Any) -> dict[str, Any]:
     """One training row: ``prompt`` and ``completion`` messages plus an ``images`` column (PIL images)."""
     return {"prompt": sft_prompt(category, 1), "completion": sft_completion(title, aspects, category), "images": [image]}
+
+
+def qa_rows(turns: Sequence[tuple[str, str]], image: Any) -> list[dict[str, Any]]:
+    """LACU rows: one per (buyer question, seller answer) round, the photo attached to the question.
+
+    Short targets the photo can answer ("What colour is it?" -> "Color: black."): beside the listing rows they
+    teach a small model to read the image tokens (the paper's LACU adds such conversations to SFT).
+    """
+    return [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": a}]}],
+            "images": [image],
+        }
+        for q, a in turns
+    ]
 
 
 def trl_prompt_ids(row: dict[str, Any], processor: Any) -> list[int]:

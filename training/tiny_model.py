@@ -176,7 +176,9 @@ def build_tiny_model(out: Path, cfg: TinyModelConfig = TinyModelConfig()) -> dic
     processor.save_pretrained(out)
     image_processor.save_pretrained(out)  # preprocessor_config.json: vLLM's loader looks for it
 
-    weights = sorted(out.glob("*.safetensors"))
+    # The version covers the tokenizer too: it is trained on a corpus that includes the instruction text, so a change
+    # of the prompt module changes the vocabulary while the seed's weights stay the same.
+    weights = [*sorted(out.glob("*.safetensors")), out / "tokenizer.json"]
     digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:12]
     card = {
         "name": cfg.name,
