@@ -107,7 +107,7 @@ def hostile_records(root: Path, per_kind: int, prefix: str = "h", oversize_per_k
         out.append(Hostile("invalid-utf8-key", b"\xff\xfe" + k, b"\xc3\x01\x00", "malformed_event"))
         ev("empty-listing-id", i, "invalid_event", listing_id="")
         ev("listing-id-600-chars", i, "invalid_event", listing_id="L" * 600)
-        ev("unknown-category", i, "unknown_category", category=f"spaceship-{i}")
+        ev("unknown-category", i, "aspect", category=f"spaceship-{i}")  # enriched with the generic schema
         ev("no-images", i, "invalid_event", images=[])
         uri("ftp-scheme", i, "invalid_image", f"ftp://example.com/{i}.jpg")
         uri("javascript-uri", i, "invalid_image", "javascript:alert(1)")

@@ -272,8 +272,8 @@ class ListingClient:
             return resp, endpoint, attempts, queued_ms, (time.perf_counter() - t0) * 1000
 
     async def generate(self, images: Sequence[bytes], category: str | CategorySchema, temperature: float = 0.0) -> InferenceResult:
-        """One listing for one item (see module contract)."""
-        cat = category if isinstance(category, CategorySchema) else self.categories.get(category)
+        """One listing for one item (see module contract); a category named without a schema gets the generic one."""
+        cat = category if isinstance(category, CategorySchema) else self.categories.resolve(category)
         prepared = [prepare_image(b, self.max_image_bytes, self.max_image_pixels) for b in images]
         if not prepared:
             raise ValueError("generate() needs at least one image")

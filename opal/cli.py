@@ -23,7 +23,7 @@ from opal.embedded import read_state, resolve_settings, stop_detached, up_detach
 from opal.samples import SAMPLE_DIR, load_samples, sample_event
 from schemas.category import default_categories
 from schemas.errors import OpalError
-from schemas.events import Lane, ListingImageEvent
+from schemas.events import ImageRef, Lane, ListingImageEvent
 from schemas.serde import EventCodec, framing_for
 from schemas.settings import OpalSettings
 
@@ -272,7 +272,7 @@ def _publish_samples(s: OpalSettings, lane: Lane, bad: bool, samples: Path) -> i
     if bad:
         good = sample_event(load_samples(samples)[0], lane)
         records.append((b"bad-corrupt-bytes", b"this is not an avro record"))
-        odd = good.model_copy(update={"listing_id": "bad-unknown-category", "category": "spaceship"})
+        odd = good.model_copy(update={"listing_id": "bad-image-outside-root", "images": [ImageRef(uri="file:///etc/passwd")]})
         records.append((odd.listing_id.encode(), codec.encode(odd)))
     for key, value in records:
         producer.produce(topic, value=value, key=key, on_delivery=on_delivery)

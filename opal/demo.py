@@ -38,6 +38,7 @@ class DemoResult:
     indexed: int = 0
     search_example: tuple[str, str, int] | None = None  # aspect name, value, listings the index returns for it
     held_out: frozenset[str] = frozenset()  # sample listing ids outside the model's training split
+    seen: int = 0  # sample listings inside it
 
 
 def demo_model(model_dir: Path = DEMO_MODEL) -> Path:
@@ -48,20 +49,26 @@ def demo_model(model_dir: Path = DEMO_MODEL) -> Path:
 
 
 def demo_records(codec: EventCodec[ListingImageEvent], samples: Path) -> list[tuple[bytes, bytes]]:
-    """(key, value) of every sample listing plus three bad records."""
+    """(key, value) of every sample listing, one listing in a category without a schema (the generic
+    fallback enriches it) and three bad records (dead-lettered)."""
     items = load_samples(samples)
     records = [(ev.listing_id.encode(), codec.encode(ev)) for ev in (sample_event(s) for s in items)]
     first = sample_event(items[0])
     corrupt = first.model_copy(
         update={"listing_id": "bad-corrupt-image", "images": [ImageRef(uri=(samples / "bad" / "truncated.jpg").resolve().as_uri())]}
     )
-    unknown = first.model_copy(update={"listing_id": "bad-unknown-category", "category": "spaceship"})
+    outside = first.model_copy(update={"listing_id": "bad-image-outside-root", "images": [ImageRef(uri="file:///etc/passwd")]})
+    no_schema = first.model_copy(update={"listing_id": "no-schema-footwear", "category": "footwear_misc"})
     records += [
+        (b"no-schema-footwear", codec.encode(no_schema)),
         (b"bad-corrupt-image", codec.encode(corrupt)),
-        (b"bad-unknown-category", codec.encode(unknown)),
+        (b"bad-image-outside-root", codec.encode(outside)),
         (b"bad-not-avro", b"this is not an avro record"),
     ]
     return records
+
+
+BAD_RECORDS = 3  # the last three of demo_records
 
 
 def read_topic(settings: OpalSettings, topic: str, decode: Any, expected: int, timeout_s: float = 30.0) -> list[Any]:
@@ -126,19 +133,23 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
             if producer.flush(30):
                 raise RuntimeError("could not publish the demo records")
             n = len(records)
-            console.print(f"[bold]4.[/] published {n} listing-image events ({n - 3} real ABO photos + 3 deliberately bad)")
+            console.print(
+                f"[bold]4.[/] published {n} listing-image events ({n - BAD_RECORDS - 1} real ABO photos, 1 in a category "
+                f"without a schema, {BAD_RECORDS} deliberately bad)"
+            )
             t_w = time.monotonic()
             with console.status("enrichment worker running ..."):
                 asyncio.run(run_worker(s, asyncio.Event(), idle_exit_s=3.0))
             console.print(f"[bold]5.[/] worker done in {time.monotonic() - t_w:.0f} s")
-            events = read_topic(s, s.topics.aspects, EventCodec(AspectEvent, framing=framing).decode, n - 3)
-            dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter, framing=framing).decode, 3, timeout_s=10)
+            events = read_topic(s, s.topics.aspects, EventCodec(AspectEvent, framing=framing).decode, n - BAD_RECORDS)
+            dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter, framing=framing).decode, BAD_RECORDS, timeout_s=10)
         finally:
             vllm.stop()
         indexed, example = index_and_search(s, events)
         console.print(f"[bold]6.[/] search indexer: {indexed} listings searchable in valkey")
-    held_out = frozenset(sample_event(x).listing_id for x in load_samples(samples) if title_split(x.title) != "train")
-    return DemoResult(n, events, dead, indexed, example, held_out)
+    splits = {sample_event(x).listing_id: title_split(x.title) for x in load_samples(samples)}
+    held_out = frozenset(k for k, v in splits.items() if v != "train")
+    return DemoResult(n, events, dead, indexed, example, held_out, len(splits) - len(held_out))
 
 
 def index_and_search(s: OpalSettings, events: list[AspectEvent]) -> tuple[int, tuple[str, str, int] | None]:
@@ -169,12 +180,13 @@ def print_result(console: Console, r: DemoResult) -> None:
         "title",
         "aspects (confidence)",
         title="aspect events (a 0.8M-parameter model trained on 4,082 ABO photos: weak, but it reads the photo)",
-        caption=f"held out: the photo's product is outside the model's training split ({len(r.held_out)} of {r.listings_in - 3})",
+        caption=f"held out: the photo's product is outside the model's training split ({len(r.held_out)} of {len(r.held_out) + r.seen})",
         show_lines=False,
     )
     for ev in sorted(r.aspect_events, key=lambda e: (e.listing_id not in r.held_out, e.listing_id)):
         aspects = ", ".join(f"{a.name}: {a.value} ({a.confidence:.2f})" for a in ev.aspects)
-        t.add_row(ev.listing_id, "yes" if ev.listing_id in r.held_out else "", ev.category, ev.title[:40], aspects[:70])
+        category = f"{ev.category} (generic schema)" if ev.generic_schema else ev.category
+        t.add_row(ev.listing_id, "yes" if ev.listing_id in r.held_out else "", category, ev.title[:40], aspects[:70])
     console.print(t)
     d = Table("key", "reason", "message", title="dead letters")
     for dl in r.dead_letters:
@@ -184,8 +196,9 @@ def print_result(console: Console, r: DemoResult) -> None:
         valid = sum(e.schema_check.valid for e in r.aspect_events)
         ms = sorted(e.timings.inference_ms for e in r.aspect_events if not e.cache_hit)
         hits = sum(e.cache_hit for e in r.aspect_events)
+        generic = sum(e.generic_schema for e in r.aspect_events)
         console.print(
-            f"schema-valid: {valid}/{len(r.aspect_events)} · cache hits: {hits} · "
+            f"schema-valid: {valid}/{len(r.aspect_events)} · generic schema (category without one): {generic} · cache hits: {hits} · "
             f"model latency p50 {ms[len(ms) // 2] if ms else 0:.0f} ms · model {r.aspect_events[0].model.name} "
             f"{r.aspect_events[0].model.version}"
         )

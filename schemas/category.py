@@ -9,13 +9,18 @@ Data lives in ``schemas/categories/<slug>.json`` (one file per category; format 
 - :meth:`CategorySchema.check`: a report of unknown keys, values outside a closed
   set and missing required aspects, for any listing (generated or from a seller).
 
-Loading is pure and cached; look-ups of an unknown slug raise
-:class:`~schemas.errors.UnknownCategoryError`.
+Loading is pure and cached; :meth:`CategoryRegistry.get` of an unknown slug raises
+:class:`~schemas.errors.UnknownCategoryError`. :meth:`CategoryRegistry.resolve` falls
+back to the generic visual schema (``schemas/generic.json``: Color, Brand, Material,
+Pattern, Shape, Finish, Texture, Style) for a category without a schema, renamed to that
+category and marked ``generic``, so a listing outside the known categories is still
+enriched; callers that must refuse pass ``fallback=False``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -27,6 +32,8 @@ from schemas.errors import UnknownCategoryError
 from schemas.events import SchemaCheck
 
 CATEGORY_DIR = Path(__file__).parent / "categories"
+GENERIC_FILE = Path(__file__).parent / "generic.json"
+_SLUG_CHARS = re.compile(r"[^a-z0-9_]+")
 OPEN_VALUE_MAX_CHARS = 60
 
 
@@ -63,8 +70,10 @@ class CategorySchema(BaseModel):
 
     category: str = Field(min_length=1, pattern=r"^[a-z0-9_]+$")
     display_name: str
+    version: int = Field(1, ge=1, description="Bumped whenever the aspects change; AspectEvents and cache keys carry it.")
     title_max_chars: int = Field(120, ge=10)
     aspects: list[AspectSpec] = Field(min_length=1)
+    generic: bool = Field(False, description="The generic visual schema standing in for a category without its own.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> CategorySchema:
@@ -139,12 +148,35 @@ class CategorySchema(BaseModel):
             missing_required=missing,
         )
 
+    @property
+    def ref(self) -> str:
+        """``<category>@v<version>``, ``generic@v<version>`` for the fallback: the schema a listing was checked against."""
+        return f"{'generic' if self.generic else self.category}@v{self.version}"
+
+    @property
+    def key(self) -> str:
+        """What a generated listing depends on besides model and image: :attr:`ref`, and for the generic schema also
+        the category it stands in for (the prompt names it). Part of the result-cache key."""
+        return f"{self.category}~{self.ref}" if self.generic else self.ref
+
+    def standing_in_for(self, category: str) -> CategorySchema:
+        """This (generic) schema renamed for ``category`` (made slug-safe, at most 64 characters), marked generic."""
+        slug = _SLUG_CHARS.sub("_", category.casefold()).strip("_")[:64] or "item"
+        return self.model_copy(update={"category": slug, "display_name": slug.replace("_", " "), "generic": True})
+
+
+@cache
+def generic_schema() -> CategorySchema:
+    """The generic visual schema shipped with OPAL (``schemas/generic.json``)."""
+    return CategorySchema.model_validate(json.loads(GENERIC_FILE.read_text()))
+
 
 class CategoryRegistry:
-    """All category schemas of a folder, by slug."""
+    """All category schemas of a folder, by slug, and the generic schema for the rest."""
 
-    def __init__(self, schemas: Mapping[str, CategorySchema]) -> None:
+    def __init__(self, schemas: Mapping[str, CategorySchema], generic: CategorySchema | None = None) -> None:
         self._schemas = dict(schemas)
+        self._generic = generic or generic_schema()
 
     @classmethod
     def load(cls, directory: Path = CATEGORY_DIR) -> CategoryRegistry:
@@ -167,6 +199,16 @@ class CategoryRegistry:
             return self._schemas[category]
         except KeyError:
             raise UnknownCategoryError(category, list(self._schemas)) from None
+
+    def resolve(self, category: str, fallback: bool = True) -> CategorySchema:
+        """The category's schema; without one, the generic schema standing in for it (or, with
+        ``fallback=False``, :class:`~schemas.errors.UnknownCategoryError`)."""
+        found = self._schemas.get(category)
+        if found is not None:
+            return found
+        if not fallback:
+            raise UnknownCategoryError(category, list(self._schemas))
+        return self._generic.standing_in_for(category)
 
     def __contains__(self, category: object) -> bool:
         return category in self._schemas

@@ -120,6 +120,8 @@ class AspectEvent(_Event):
     images: list[ImageRef] = Field(default_factory=list)  # v2: what the model saw, for the judge
     seller_title: str | None = None  # v2: judge reference
     seller_aspects: dict[str, str] = Field(default_factory=dict)  # v2: judge reference
+    category_schema: str | None = None  # v3: "<category>@v<version>" or "generic@v<version>"
+    generic_schema: bool = False  # v3: the generic visual schema stood in for a category without one
     produced_at: AwareDatetime = Field(default_factory=utcnow)
 
 

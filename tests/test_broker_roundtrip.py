@@ -49,7 +49,7 @@ def test_events_and_dead_letters_round_trip(settings: OpalSettings) -> None:
     good, dead = [], []
     for m in _drain(c, len(events) + 2):
         try:
-            good.append(decode_listing_event(m, codec, default_categories()))
+            good.append(decode_listing_event(m, codec, default_categories(), fallback=False))  # the refusing mode
         except OpalError as e:
             dl = dead_letter_for(m, e, worker="test")
             p.produce(settings.topics.dead_letters, key=m.key(), value=dl_codec.encode(dl))

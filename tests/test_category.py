@@ -91,3 +91,24 @@ def test_bad_schema_files_are_reported_by_name(tmp_path: Path) -> None:
     _write(tmp_path, "mugs", dict(good, aspects=[{"name": "Size", "visual": False, "required": True}]))
     with pytest.raises(ValueError, match="required"):
         CategoryRegistry.load(tmp_path)
+
+
+def test_a_category_without_a_schema_gets_the_generic_one_unless_refused() -> None:
+    from schemas.category import generic_schema
+    from schemas.errors import UnknownCategoryError
+
+    reg = default_categories()
+    shoes = reg.resolve("shoes")
+    assert shoes is reg.get("shoes") and not shoes.generic and (shoes.ref, shoes.key) == ("shoes@v1", "shoes@v1")
+    g = reg.resolve("Space Ship-2")
+    assert g.generic and g.category == "space_ship_2" and g.display_name == "space ship 2"
+    assert (g.ref, g.key) == ("generic@v1", "space_ship_2~generic@v1")  # the prompt names the category: part of the cache key
+    assert g.names == generic_schema().names and {"Color", "Material", "Pattern", "Shape", "Style"} <= set(g.names)
+    schema = g.json_schema()
+    assert schema["properties"]["aspects"]["required"] == ["Color"]
+    assert "black" in schema["properties"]["aspects"]["properties"]["Color"]["enum"]
+    assert g.check({"Color": "black", "Material": "wood"}).valid and not g.check({"Color": "sky"}).valid
+    assert reg.resolve("!!!").category == "item"  # nothing slug-safe left
+    with pytest.raises(UnknownCategoryError):
+        reg.resolve("spaceship", fallback=False)
+    assert "generic" not in reg  # the fallback is not a category of the registry

@@ -58,13 +58,14 @@ def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
     last = r.stdout.strip().splitlines()[-1]
     m = re.fullmatch(r"demo: (\d+) listings in, (\d+) aspect events out, (\d+) dead letters", last)
     assert m, last
-    assert m.groups() == ("43", "40", "3")
-    for reason in ("malformed_event", "unknown_category", "invalid_image"):
+    assert m.groups() == ("44", "41", "3")
+    for reason in ("malformed_event", "invalid_image"):
         assert reason in r.stdout
-    assert "schema-valid: 40/40" in r.stdout
+    assert "unknown_category" not in r.stdout  # the listing without a category schema is enriched with the generic one
     flat = " ".join(r.stdout.split())
+    assert "schema-valid: 41/41 · generic schema (category without one): 1 ·" in flat, flat[-1500:]
     shipped = json.loads((REPO / "models" / "opal-tiny-abo" / "opal_model.json").read_text())["version"]
     assert f"model opal-tiny {shipped}" in flat, flat[-1500:]  # the trained model in the repository, not a random one
     assert "outside the model's training split (13 of 40)" in flat
     found = re.search(r"search index: (\d+) listings indexed; .+=.+ finds (\d+) of them", r.stdout)
-    assert found and found.group(1) == "40" and 1 <= int(found.group(2)) <= 40, r.stdout[-2000:]
+    assert found and found.group(1) == "41" and 1 <= int(found.group(2)) <= 41, r.stdout[-2000:]

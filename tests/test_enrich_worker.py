@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from schemas.category import default_categories
 from schemas.events import AspectEvent, DeadLetter, ImageRef, Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings, TopicSettings
@@ -80,13 +81,17 @@ def test_poison_events_become_dead_letters(wsettings: OpalSettings, images: Path
         "oversized": CODEC.encode(
             base.model_copy(update={"listing_id": "oversized", "images": [ImageRef(uri=(images / "huge.png").as_uri())]})
         ),
-        "unknown-category": CODEC.encode(base.model_copy(update={"listing_id": "unknown-category", "category": "spaceship"})),
     }
-    records = [(e.listing_id.encode(), CODEC.encode(e)) for e in good] + [(k.encode(), v) for k, v in bad.items()]
+    no_schema = base.model_copy(update={"listing_id": "no-schema", "category": "spaceship"})  # enriched: generic schema
+    records = [(e.listing_id.encode(), CODEC.encode(e)) for e in [*good, no_schema]] + [(k.encode(), v) for k, v in bad.items()]
     _publish(wsettings, records)
     _run(wsettings)
-    aspects = _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 4)
-    assert sorted(k.decode() for k, _ in aspects) == sorted(e.listing_id for e in good)
+    aspects = dict(_read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 5))
+    assert sorted(k.decode() for k in aspects) == sorted(e.listing_id for e in [*good, no_schema])
+    generic = aspects[b"no-schema"]
+    assert generic.category == "spaceship" and generic.generic_schema and generic.category_schema == "generic@v1"
+    assert generic.schema_check.valid and {a.name for a in generic.aspects} <= set(default_categories().resolve("spaceship").names)
+    assert all(not a.generic_schema and a.category_schema == f"{a.category}@v1" for k, a in aspects.items() if k != b"no-schema")
     dead = {k.decode(): dl for k, dl in _read(wsettings, wsettings.topics.dead_letters, EventCodec(DeadLetter), len(bad))}
     assert set(dead) == set(bad)
     assert dead["bad-avro"].error_kind == "unknown_schema" and dead["bad-avro"].value == bad["bad-avro"]
@@ -97,7 +102,6 @@ def test_poison_events_become_dead_letters(wsettings: OpalSettings, images: Path
         and "not in OPAL_WORKER_ALLOWED_HTTP_HOSTS" in dead["http-not-allowed"].error_message
     )
     assert dead["oversized"].error_kind == "invalid_image" and "limit 500000" in dead["oversized"].error_message
-    assert dead["unknown-category"].error_kind == "unknown_category"
     for k, dl in dead.items():
         assert dl.value == dict(bad)[k] and dl.origin_topic == wsettings.topics.images_realtime
 

@@ -74,7 +74,7 @@ def test_judge_agent_writes_outcomes_pairs_and_dead_letters(settings: OpalSettin
     assert len(outcomes) == 4, out[-3000:]
     assert verdicts == {b"L-wrong": Verdict.INCORRECT, b"L-right": Verdict.CORRECT, b"L-sure": Verdict.CORRECT, b"L-noref": Verdict.CORRECT}
     assert [(k, p.listing_id, p.rejected) for k, p in pairs] == [
-        (pairs[0][1].pair_id.encode(), "L-wrong", '{"title":"dantur kite","aspects":{"Color":"clear"}}')
+        (pairs[0][1].pair_id.encode(), "L-wrong", '{"aspects":{"Color":"clear"},"title":"dantur kite"}')
     ]
     assert pairs[0][1].image.uri == "file:///data/L-wrong.jpg" and '"Color":"white"' in pairs[0][1].chosen
     assert [(k, d.error_kind) for k, d in dead] == [(b"L-bad", "malformed_event")]

@@ -56,7 +56,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from inference.client import InferenceResult, InferenceUnavailableError, ListingClient, model_info
-from schemas.category import CategoryRegistry
+from schemas.category import CategoryRegistry, CategorySchema
 from schemas.errors import ErrorKind, OpalError, OutputTooLargeError, clean_message
 from schemas.events import (
     AspectEvent,
@@ -539,7 +539,7 @@ class EnrichWorker:
         while True:
             job.attempts += 1
             try:
-                event = decode_listing_event(msg, self.codec, self.categories)
+                event = decode_listing_event(msg, self.codec, self.categories, self.w.generic_fallback)
                 job.listing_id = event.listing_id
                 out = await self._enrich(event, job)
                 self._produce(job, self.s.topics.aspects, event.listing_id.encode(), self.aspect_codec.encode(out), None)
@@ -589,13 +589,13 @@ class EnrichWorker:
                 self._answered(host_dependency(urllib.parse.urlsplit(img.uri)))
         return images
 
-    async def _generate(self, images: list[bytes], category: str, digest: str) -> tuple[InferenceResult, list[AspectValue]]:
-        """The model's answer for (version, category, images), stored in the cache before it is shared.
+    async def _generate(self, images: list[bytes], schema: CategorySchema, digest: str) -> tuple[InferenceResult, list[AspectValue]]:
+        """The model's answer for (version, category schema, images), stored in the cache before it is shared.
 
         Concurrent callers with the same key share one request (single flight); the flight
         ends only after the cache write, so a later caller finds the cached result instead.
         """
-        key = (self.model_version, category, digest)
+        key = (self.model_version, schema.key, digest)
         shared = self._flights.get(key)
         if shared is not None:
             self.metrics.coalesced.inc()
@@ -606,7 +606,7 @@ class EnrichWorker:
         self.metrics.model_requests.inc()
         try:
             t1 = time.perf_counter()
-            result = await self.client.generate(images, category)
+            result = await self.client.generate(images, schema)
             latency = time.perf_counter() - t1
             self._latencies.append(latency)
             self.metrics.model_latency.observe(latency)
@@ -619,7 +619,7 @@ class EnrichWorker:
                     model_name=result.model.name,
                     model_version=result.model.version,
                 )
-                await self.cache.put(self.model_version, category, digest, cached)
+                await self.cache.put(self.model_version, schema.key, digest, cached)
         except asyncio.CancelledError:
             # sharers must not end cancelled (a cancelled task has no output): they see an outage and wait or retry
             fut.set_exception(InferenceUnavailableError("the shared model request was cancelled"))
@@ -640,7 +640,8 @@ class EnrichWorker:
         images = await self._load_images(event)
         image_ms = (time.perf_counter() - t0) * 1000
         digest = images_digest(images)
-        cached = await self.cache.get(self.model_version, event.category, digest) if self.cache else None
+        schema = self.categories.resolve(event.category, self.w.generic_fallback)
+        cached = await self.cache.get(self.model_version, schema.key, digest) if self.cache else None
         if cached is not None:
             self.metrics.cache_hits.inc()
             return AspectEvent(
@@ -654,10 +655,12 @@ class EnrichWorker:
                 image_sha256=digest,
                 cache_hit=True,
                 timings=Timings(image_ms=image_ms, total_ms=(time.monotonic() - job.consumed_at) * 1000),
+                category_schema=schema.ref,
+                generic_schema=schema.generic,
                 **_judge_context(event),
             )
         self.metrics.cache_misses.inc()
-        result, aspects = await self._generate(images, event.category, digest)
+        result, aspects = await self._generate(images, schema, digest)
         return AspectEvent(
             listing_id=event.listing_id,
             source_event_id=event.event_id,
@@ -674,6 +677,8 @@ class EnrichWorker:
                 inference_ms=result.inference_ms,
                 total_ms=(time.monotonic() - job.consumed_at) * 1000,
             ),
+            category_schema=schema.ref,
+            generic_schema=schema.generic,
             **_judge_context(event),
         )
 

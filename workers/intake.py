@@ -34,10 +34,12 @@ class RawRecord(Protocol):
 WORKER_ID = f"{socket.gethostname()}"
 
 
-def decode_listing_event(record: RawRecord, codec: EventCodec[ListingImageEvent], categories: CategoryRegistry) -> ListingImageEvent:
-    """Decode and check one image event; the category must have a schema."""
+def decode_listing_event(
+    record: RawRecord, codec: EventCodec[ListingImageEvent], categories: CategoryRegistry, fallback: bool = True
+) -> ListingImageEvent:
+    """Decode and check one image event; without ``fallback`` its category must have a schema of its own."""
     event = codec.decode(record.value())
-    categories.get(event.category)  # raises UnknownCategoryError
+    categories.resolve(event.category, fallback)  # UnknownCategoryError only when fallback is off
     return event
 
 

@@ -6,8 +6,10 @@ Contract
 - A Redis failure never fails the event: ``get`` degrades to a miss and ``put`` to a
   no-op; both count it in ``errors`` and call ``on_error(op)`` (``"get"``, ``"put"``,
   ``"decode"``) so metrics show a sick cache.
-- Keys: ``<prefix>result:<model version>:<category>:<sha256 of the image bytes>``.
-  A new model version never sees an old version's results.
+- Keys: ``<prefix>result:<model version>:<schema key>:<sha256 of the image bytes>``, the schema key
+  being :attr:`schemas.category.CategorySchema.key` (category and schema version; for the generic
+  fallback also the category it stands in for). A new model version or a changed schema never
+  sees an old one's results.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class ResultCache:
             self.on_error(op)
 
     def key(self, model_version: str, category: str, digest: str) -> str:
+        """The Redis key; ``category`` is the schema key (see the module contract)."""
         return f"{self.prefix}result:{model_version}:{category}:{digest}"
 
     async def get(self, model_version: str, category: str, digest: str) -> CachedListing | None:

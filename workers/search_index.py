@@ -84,7 +84,7 @@ def terms_of(event: AspectEvent, categories: CategoryRegistry | None = None) -> 
     """Searchable terms of one listing: known aspects (all, if the category has no schema), category, title words."""
     known: set[str] | None = None
     if categories is not None and event.category in categories:
-        known = {n.casefold() for n in categories.get(event.category).names}
+        known = {n.casefold() for n in categories.resolve(event.category).names}
     aspects = [aspect_term(a.name, a.value) for a in event.aspects if known is None or a.name.casefold() in known]
     return sorted({*aspects, category_term(event.category), *word_terms(event.title)})
 
