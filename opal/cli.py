@@ -380,31 +380,7 @@ def eval_run(
                 raise typer.Exit(2) from None
         console.print(f"serving {served_name(model.resolve())} at {endpoint} for this run", highlight=False)
     assert endpoint is not None
-    try:
-        _eval_run(data, endpoint, split, train_data, allow_in_sample, swap_control, seed, limit, out, concurrency)
-    finally:
-        if server is not None:
-            server.stop()
-
-
-def _eval_run(
-    data: Path,
-    endpoint: str,
-    split: str,
-    train_data: Path | None,
-    allow_in_sample: bool,
-    swap_control: bool,
-    seed: int,
-    limit: int | None,
-    out: Path,
-    concurrency: int,
-) -> None:
-    import asyncio
-
-    from rich.progress import Progress
-
-    from opal.plots import bars_png
-    from training.evaluate import PLOT_NOTE, EvalConfig, plot_series, run_eval, tables, write_eval
+    from training.evaluate import EvalConfig
 
     config = EvalConfig(
         data=data,
@@ -419,6 +395,23 @@ def _eval_run(
         repetition_penalty=_settings().vllm.repetition_penalty,  # the deployment's decoding, not the client's defaults
         frequency_penalty=_settings().vllm.frequency_penalty,
     )
+    try:
+        _eval_run(config, out)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _eval_run(config: Any, out: Path) -> None:
+    """Run ``config`` (an EvalConfig), write the report files and print the tables."""
+    import asyncio
+
+    from rich.progress import Progress
+
+    from opal.plots import bars_png
+    from training.evaluate import PLOT_NOTE, plot_series, run_eval, tables, write_eval
+
+    data, split = config.data, config.split
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("generating", total=None)
         try:

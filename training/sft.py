@@ -245,9 +245,10 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     rows = []
     for r, title, aspects in rep.track(items, len(items), "building rows"):
         image = str(r.image)  # decoded lazily by the dataset's Image feature (see build_dataset)
-        rows.append(sft_row(title, aspects, cats.get(r.category), image))
+        category = cats.get(r.category)
+        rows.append(sft_row(title, aspects, category, image))
         if config.lacu:
-            turns = conversation_from_listing(title, aspects, cats.get(r.category), r.qa)
+            turns = conversation_from_listing(title, aspects, category, r.qa)
             rows += qa_rows([(t.buyer, t.seller) for t in visual_rounds(turns)], image)
     if config.lacu:
         rep.note(f"{len(rows) - len(items):,} LACU Q&A rows beside {len(items):,} listing rows")
@@ -319,7 +320,7 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     rep.note(f"saving the model folder into {config.output_dir} ...")
     settings = {k: {"value": v, "source": "option" if k in config.overridden else recipe.name} for k, v in recipe.values().items()}
     extra = {
-        "items": str(len(rows)),
+        "items": str(len(items)),  # listings; with --lacu the rows are more (sft_run.json has them)
         "data": str(config.data),
         "sft_recipe": recipe.name,
         "sft_settings": json.dumps(settings, sort_keys=True),
@@ -330,7 +331,7 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     card, log = save_model_folder(trainer, processor, config.base_model, config.output_dir, "sft", extra)
     for ckpt in checkpoints(config.output_dir):  # the final folder supersedes them
         shutil.rmtree(ckpt, ignore_errors=True)
-    return SftResult(config.output_dir, card, log, len(rows), trainable, frozen, recipe, resume_from)
+    return SftResult(config.output_dir, card, log, len(items), trainable, frozen, recipe, resume_from)
 
 
 def _vision_stage(

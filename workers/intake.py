@@ -39,7 +39,8 @@ def decode_listing_event(
 ) -> ListingImageEvent:
     """Decode and check one image event; without ``fallback`` its category must have a schema of its own."""
     event = codec.decode(record.value())
-    categories.resolve(event.category, fallback)  # UnknownCategoryError only when fallback is off
+    if not fallback:  # with the fallback every category resolves: nothing to check here
+        categories.get(event.category)  # raises UnknownCategoryError
     return event
 
 
