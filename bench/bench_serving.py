@@ -79,13 +79,13 @@ class OfflinePath:
         self.params: list[Any] = []
         for img, cat in jobs:
             url = "data:image/jpeg;base64," + base64.b64encode(img).decode()
-            self.messages.append(serving_messages(cats.get(cat), [url]))
+            self.messages.append(serving_messages(cats.resolve(cat), [url]))
             self.params.append(
                 SamplingParams(
                     max_tokens=max_tokens,
                     temperature=0.0,
                     logprobs=0 if logprobs else None,  # what the server does for `"logprobs": true` (top_logprobs 0)
-                    structured_outputs=StructuredOutputsParams(json=cats.get(cat).json_schema()),
+                    structured_outputs=StructuredOutputsParams(json=cats.resolve(cat).json_schema()),
                 )
             )
         warm = min(len(jobs), settings.max_num_seqs)

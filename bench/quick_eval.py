@@ -41,7 +41,7 @@ def generate(model: object, processor: object, records: list[ListingRecord], pho
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
         texts = [
-            processor.apply_chat_template(serving_messages(cats.get(r.category), ["x"]), add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
+            processor.apply_chat_template(serving_messages(cats.resolve(r.category), ["x"]), add_generation_prompt=True, tokenize=False)  # type: ignore[attr-defined]
             for r in chunk
         ]
         images = [Image.open(photo[r.item_id]).convert("RGB") for r in chunk]

@@ -21,7 +21,7 @@ from rich.table import Table
 from opal import __version__
 from opal.embedded import read_state, resolve_settings, stop_detached, up_detached
 from opal.samples import SAMPLE_DIR, load_samples, sample_event
-from schemas.category import default_categories
+from opal.schemas_cli import current_categories, schemas_app
 from schemas.errors import OpalError
 from schemas.events import ImageRef, Lane, ListingImageEvent
 from schemas.serde import EventCodec, framing_for
@@ -30,7 +30,6 @@ from schemas.settings import OpalSettings
 app = typer.Typer(help="OPAL: product photo -> schema-compliant marketplace listing.", no_args_is_help=True, add_completion=False)
 dev_app = typer.Typer(help="Embedded local services (tansu broker, valkey).", no_args_is_help=True)
 topology_app = typer.Typer(help="Kafka topics and consumer groups.", no_args_is_help=True)
-schemas_app = typer.Typer(help="Event and category schemas.", no_args_is_help=True)
 events_app = typer.Typer(help="Publish and inspect events.", no_args_is_help=True)
 model_app = typer.Typer(help="Build OPAL model folders (runs in the model environment).", no_args_is_help=True)
 worker_app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
@@ -213,32 +212,6 @@ def topology_show() -> None:
     console.print(render_flow(topo), markup=False, highlight=False)
 
 
-# -- schemas -----------------------------------------------------------------------------
-@schemas_app.command("categories")
-def schemas_categories() -> None:
-    """List the category aspect schemas."""
-    reg = default_categories()
-    t = Table("category", "name", "aspects", "visual", "closed sets", title=f"{len(reg)} category schemas")
-    for name in reg.names:
-        c = reg.get(name)
-        t.add_row(
-            name, c.display_name, str(len(c.aspects)), str(len(c.visual_aspects)), str(sum(1 for a in c.aspects if a.values is not None))
-        )
-    console.print(t)
-
-
-@schemas_app.command("json-schema")
-def schemas_json_schema(
-    category: str, all_aspects: Annotated[bool, typer.Option("--all", help="Include non-visual aspects.")] = False
-) -> None:
-    """Print the JSON Schema that constrained decoding uses for CATEGORY."""
-    try:
-        print(json.dumps(default_categories().get(category).json_schema(all_aspects), indent=2))
-    except OpalError as e:
-        console.print(f"[red]{e}[/]")
-        raise typer.Exit(2) from None
-
-
 # -- events ------------------------------------------------------------------------------
 @events_app.command("publish-samples")
 def events_publish_samples(
@@ -309,28 +282,37 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def eval_score(
     pred: Annotated[Path, typer.Option(help="JSONL: {id, output} per line (output = the raw generated string).")],
     ref: Annotated[Path, typer.Option(help="JSONL: {id, category, title, aspects} per line.")],
-    schemas: Annotated[Path | None, typer.Option(help="Folder of category schemas (default: the shipped ones).")] = None,
+    schemas: Annotated[
+        Path | None, typer.Option(help="Schema folder or bulk file (default: OPAL_SCHEMAS_PATHS, the packaged set).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """ROUGE-L F1, aspect F1, schema-compliance recall, JSON validity (definitions in training/metrics.py)."""
     from schemas.category import CategoryRegistry
+    from schemas.schema_source import load_location
     from training.metrics import score
 
     predictions = {str(r["id"]): str(r.get("output", "")) for r in _jsonl(pred)}
     references = _jsonl(ref)
-    registry = CategoryRegistry.load(schemas) if schemas else default_categories()
     try:
+        registry = CategoryRegistry(load_location(schemas)) if schemas else current_categories()
         report = score(predictions, references, registry)
-    except OpalError as e:
+    except (OpalError, ValueError) as e:
         console.print(f"[red]{e}[/]")
         raise typer.Exit(2) from None
     if as_json:
-        print(json.dumps({k: report.summary()[k] for k in ("rouge_l_f1", "aspect_f1", "schema_recall", "json_valid", "n")}))
+        keys = ("rouge_l_f1", "aspect_f1", "schema_recall", "json_valid", "n", "schema_coverage", "generic_items")
+        print(json.dumps({**{k: report.summary()[k] for k in keys}, "generic_schema_recall": report.generic_schema_recall}))
         return
     t = Table("metric", "value", title=f"{report.n} examples ({report.missing_predictions} without a prediction)")
     for k, v in report.summary().items():
         t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(t)
+    console.print(
+        f"schema recall over the {report.n - report.generic_items} references with a category schema "
+        f"({report.schema_coverage:.1%}); {report.generic_items} fell back to the generic schema"
+        + (f" (their schema recall {report.generic_schema_recall:.4f})" if report.generic_schema_recall is not None else "")
+    )
     a = Table("aspect", "precision", "recall", "predicted", "reference", title="per aspect name")
     for name, (p, r, n_p, n_r) in sorted(report.per_aspect.items(), key=lambda kv: -kv[1][3]):
         a.add_row(name, f"{p:.3f}", f"{r:.3f}", str(n_p), str(n_r))
@@ -474,7 +456,7 @@ def data_mace(
     from training.mace import refine
     from training.mllm_passes import PassSummary, run_mace
 
-    reg = default_categories()
+    reg = current_categories()
     records = list(itertools.islice(load_abo(abo, reg), limit))
     if endpoint:
         summary = asyncio.run(_with_client(endpoint, concurrency, lambda c: run_mace(records, c, out, reg, concurrency)))
@@ -483,7 +465,7 @@ def data_mace(
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w") as f:
             for r in records:
-                d = refine(r.item_id, r.title, r.aspects, reg.get(r.category))
+                d = refine(r.item_id, r.title, r.aspects, reg.resolve(r.category))
                 for rem in d.removed:
                     summary.removed_by_reason[rem.reason] += 1
                 f.write(
@@ -524,7 +506,7 @@ def data_pairs(
     from training.preferences import build_pairs, write_pairs
     from training.sft import SftRunConfig, training_items
 
-    reg = default_categories()
+    reg = current_categories()
     try:
         items = training_items(SftRunConfig(base_model=Path("."), data=data, output_dir=Path("."), mace=mace, limit=limit), reg)
     except (ValueError, OSError) as e:
@@ -566,7 +548,7 @@ def data_lacu(
     from training.lacu import contradictions, conversation_from_listing, to_sft_messages
     from training.mllm_passes import PassSummary, run_lacu
 
-    reg = default_categories()
+    reg = current_categories()
     rows = _jsonl(mace)
     if endpoint:
         summary = asyncio.run(_with_client(endpoint, concurrency, lambda c: run_lacu(rows, c, out, reg, concurrency)))
@@ -575,7 +557,7 @@ def data_lacu(
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w") as f:
             for row in rows:
-                cat = reg.get(row["category"])
+                cat = reg.resolve(row["category"])
                 qa = [(q, a) for q, a in row.get("qa", [])]
                 turns = conversation_from_listing(row["refined"]["title"], row["refined"]["aspects"], cat, qa)
                 if contradictions(turns, row["refined"]["aspects"], cat):
@@ -731,7 +713,7 @@ def worker_judge(
     s = _settings()
     _require_kafka(s)
     counts: Counter[str] = Counter()
-    app = build_judge_app(s, functools.partial(judge_event, categories=default_categories()), counts)
+    app = build_judge_app(s, functools.partial(judge_event, categories=current_categories()), counts)
     _run_faust(app, counts, "judge agent", log_level)
 
 

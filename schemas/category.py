@@ -2,7 +2,9 @@
 and which of them a photo can show.
 
 Data lives in ``schemas/categories/<slug>.json`` (one file per category; format in
-``schemas/categories/README.md``). From a :class:`CategorySchema` come
+``schemas/categories/README.md``) and in bulk files (:mod:`schemas.bulk`); which
+locations a process reads is :mod:`schemas.schema_source`'s business. From a
+:class:`CategorySchema` come
 
 - :meth:`CategorySchema.json_schema`: the JSON Schema vLLM's structured output
   enforces, so a generated listing is schema-compliant by construction;
@@ -19,6 +21,7 @@ enriched; callers that must refuse pass ``fallback=False``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -45,14 +48,23 @@ class AspectSpec(BaseModel):
     name: str = Field(min_length=1, description="Display name, e.g. 'Color'; keys in listings use it verbatim.")
     visual: bool = Field(description="True when a photo can show or reasonably imply it; False aspects are never generated.")
     required: bool = Field(False, description="Generated listings must carry it (forced by the JSON Schema).")
+    recommended: bool = Field(False, description="Buyers filter on it: worth filling when the photo shows it (not enforced).")
+    multi: bool = Field(
+        False, description="Seller data may hold several values, comma-separated; a generated listing carries one (the commonest)."
+    )
     description: str = ""
-    values: list[str] | None = Field(None, description="Closed value set; None means any short text.")
+    values: list[str] | None = Field(None, description="Closed value set (selection only); None means any short text.")
+    suggested: list[str] | None = Field(
+        None, description="Free-text aspects only: common values offered to sellers and reviewers, not enforced."
+    )
 
     def accepts(self, value: str) -> bool:
-        """True when ``value`` is in the closed set, or is short non-empty text for an open aspect."""
+        """True when ``value`` is in the closed set, or is short non-empty text for an open aspect; for a
+        :attr:`multi` aspect every comma-separated part must be."""
+        parts = [p.strip() for p in value.split(",")] if self.multi and "," in value else [value]
         if self.values is not None:
-            return value in self.values
-        return 0 < len(value.strip()) <= OPEN_VALUE_MAX_CHARS
+            return all(p in self.values for p in parts)
+        return all(0 < len(p.strip()) <= OPEN_VALUE_MAX_CHARS for p in parts)
 
     @model_validator(mode="after")
     def _sane(self) -> AspectSpec:
@@ -60,6 +72,10 @@ class AspectSpec(BaseModel):
             raise ValueError(f"aspect {self.name!r} lists a value twice")
         if self.required and not self.visual:
             raise ValueError(f"aspect {self.name!r} cannot be required and not visual")
+        if self.values is not None and not self.values:
+            raise ValueError(f"aspect {self.name!r} has an empty closed value set")
+        if self.values is not None and self.suggested is not None:
+            raise ValueError(f"aspect {self.name!r}: suggested values are for free-text aspects; a closed set lists its values")
         return self
 
 
@@ -154,10 +170,18 @@ class CategorySchema(BaseModel):
         return f"{'generic' if self.generic else self.category}@v{self.version}"
 
     @property
+    def digest(self) -> str:
+        """12 hex digits of a hash over everything that shapes a generated listing (aspects, title bound, name):
+        an edit that forgot to bump :attr:`version` still changes it."""
+        body = self.model_dump(mode="json", exclude={"version", "generic"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
     def key(self) -> str:
-        """What a generated listing depends on besides model and image: :attr:`ref`, and for the generic schema also
-        the category it stands in for (the prompt names it). Part of the result-cache key."""
-        return f"{self.category}~{self.ref}" if self.generic else self.ref
+        """What a generated listing depends on besides model and image: :attr:`ref` and :attr:`digest`, and for the
+        generic schema also the category it stands in for (the prompt names it). Part of the result-cache key, so a
+        schema update misses the cache."""
+        return f"{self.category}~{self.ref}#{self.digest}" if self.generic else f"{self.ref}#{self.digest}"
 
     def standing_in_for(self, category: str) -> CategorySchema:
         """This (generic) schema renamed for ``category`` (made slug-safe, at most 64 characters), marked generic."""
@@ -180,9 +204,17 @@ class CategoryRegistry:
 
     @classmethod
     def load(cls, directory: Path = CATEGORY_DIR) -> CategoryRegistry:
-        """Read every ``*.json`` in ``directory``; raises ``ValueError`` naming the bad file."""
+        """Read every ``*.json`` in ``directory`` (one category each); raises ``ValueError`` naming the bad file."""
+        files = sorted(directory.glob("*.json"))
+        if not files:
+            raise ValueError(f"no category schemas in {directory}")
+        return cls.load_files(files)
+
+    @classmethod
+    def load_files(cls, files: list[Path]) -> CategoryRegistry:
+        """Per-category files, each named after its slug; raises ``ValueError`` naming the bad file."""
         found: dict[str, CategorySchema] = {}
-        for f in sorted(directory.glob("*.json")):
+        for f in files:
             try:
                 schema = CategorySchema.model_validate(json.loads(f.read_text()))
             except (ValueError, json.JSONDecodeError) as e:
@@ -190,9 +222,12 @@ class CategoryRegistry:
             if schema.category != f.stem:
                 raise ValueError(f"{f} declares category {schema.category!r}; the file must be named after it")
             found[schema.category] = schema
-        if not found:
-            raise ValueError(f"no category schemas in {directory}")
         return cls(found)
+
+    @property
+    def schemas(self) -> dict[str, CategorySchema]:
+        """Every category schema by slug (a copy)."""
+        return dict(self._schemas)
 
     def get(self, category: str) -> CategorySchema:
         try:
@@ -223,5 +258,8 @@ class CategoryRegistry:
 
 @cache
 def default_categories() -> CategoryRegistry:
-    """The category schemas shipped with OPAL (loaded once per process)."""
-    return CategoryRegistry.load()
+    """The category schemas shipped with OPAL (loaded once per process): the set induced from the ABO catalogue
+    overridden by the hand-written ones (:data:`schemas.schema_source.DEFAULT_LOCATIONS`)."""
+    from schemas.schema_source import DEFAULT_LOCATIONS, load_locations  # it imports this module
+
+    return load_locations(DEFAULT_LOCATIONS)

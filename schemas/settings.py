@@ -383,6 +383,24 @@ class JudgeSettings(BaseModel):
     sample_rate: float = Field(0.05, ge=0, le=1, description="Also judge this share of the other listings (deterministic by event id).")
 
 
+def _packaged_schema_locations() -> list[Path]:
+    from schemas.schema_source import DEFAULT_LOCATIONS
+
+    return list(DEFAULT_LOCATIONS)
+
+
+class SchemaSettings(BaseModel):
+    """Where the category schemas come from (``schemas/schema_source.py``)."""
+
+    model_config = _FROZEN
+
+    paths: list[Path] = Field(
+        default_factory=_packaged_schema_locations,
+        description="Schema folders or bulk files, later overriding earlier (JSON list); default: the packaged ABO set.",
+    )
+    reload_s: float = Field(5.0, ge=0, description="How often workers look for changed schema files (0: only on SIGHUP).")
+
+
 class EmbeddedSettings(BaseModel):
     """The local stack started when no external endpoint is configured."""
 
@@ -414,6 +432,7 @@ class OpalSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    schemas: SchemaSettings = Field(default_factory=SchemaSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
 
     @field_validator("vllm")

@@ -8,6 +8,7 @@ import pytest
 import typer.main
 
 from opal.cli import app
+from schemas.category import generic_schema
 from tests.conftest import REPO, opal_bin
 
 
@@ -42,8 +43,9 @@ def test_json_schema_command(cli_env: dict[str, str]) -> None:
     assert r.returncode == 0
     schema = json.loads(r.stdout)
     assert "Bag Style" in schema["properties"]["aspects"]["properties"]
-    bad = _run(["schemas", "json-schema", "handbags"], cli_env)
-    assert bad.returncode == 2 and "did you mean handbag" in bad.stdout
+    typo = _run(["schemas", "json-schema", "handbags"], cli_env)  # no schema: the generic one, and a hint on stderr
+    assert typo.returncode == 0 and "did you mean handbag" in typo.stderr and "generic schema" in typo.stderr
+    assert set(json.loads(typo.stdout)["properties"]["aspects"]["properties"]) == {a.name for a in generic_schema().visual_aspects}
 
 
 def test_commands_needing_kafka_say_how_to_get_one(cli_env: dict[str, str]) -> None:

@@ -84,7 +84,16 @@ def test_cli_json_output(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == {"rouge_l_f1": 1.0, "aspect_f1": 1.0, "schema_recall": 1.0, "json_valid": 1.0, "n": 1}
+    assert json.loads(out.stdout) == {
+        "rouge_l_f1": 1.0,
+        "aspect_f1": 1.0,
+        "schema_recall": 1.0,
+        "json_valid": 1.0,
+        "n": 1,
+        "schema_coverage": 1.0,
+        "generic_items": 0,
+        "generic_schema_recall": None,
+    }
     table = subprocess.run(
         [opal_bin(), "eval", "score", "--pred", str(pred), "--ref", str(ref)], capture_output=True, text=True, cwd=REPO, timeout=60
     )

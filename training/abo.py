@@ -24,6 +24,7 @@ from typing import Literal
 
 from inference.output import normalise_value
 from schemas.category import CategoryRegistry, CategorySchema, default_categories
+from training.induce import product_nouns, question_aspect
 from training.mace import refine_title
 
 Split = Literal["train", "validation", "test"]
@@ -81,7 +82,15 @@ class ListingRecord:
         return {"id": self.item_id, "category": self.category, "title": self.title, "aspects": self.aspects}
 
 
-def aspects_from_catalogue(color: str | None, qa: list[tuple[str, str]], category: CategorySchema) -> dict[str, str]:
+def aspects_from_catalogue(
+    color: str | None, qa: list[tuple[str, str]], category: CategorySchema, nouns: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """Reference aspects from the catalogue colour and the visual Q&A (module docstring).
+
+    A question about a named part ("What is the shape of the tabletop" -> ``Tabletop Shape``,
+    :func:`training.induce.question_aspect` with the category's product ``nouns``) fills that aspect when the
+    schema declares it (induced schemas do); otherwise :data:`QA_RULES` decide, as for the hand-written schemas.
+    """
     out: dict[str, str] = {}
 
     def offer(name: str, answer: str) -> bool:
@@ -98,6 +107,9 @@ def aspects_from_catalogue(color: str | None, qa: list[tuple[str, str]], categor
         offer("Color", color)
     for question, answer in qa:
         q = question.lower()
+        named = question_aspect(question, nouns)
+        if named is not None and " " in named and offer(named, answer):
+            continue
         for keywords, names in QA_RULES:
             if any(k in q for k in keywords):
                 if any(offer(n, answer) for n in names):
@@ -108,21 +120,26 @@ def aspects_from_catalogue(color: str | None, qa: list[tuple[str, str]], categor
     return out
 
 
-def load_abo(folder: Path, categories: CategoryRegistry | None = None) -> Iterator[ListingRecord]:
-    """Records of ``folder/listings.jsonl`` whose category has a schema (others are skipped)."""
+def load_abo(folder: Path, categories: CategoryRegistry | None = None, fallback: bool = True) -> Iterator[ListingRecord]:
+    """Records of ``folder/listings.jsonl``. A category without a schema gets the generic one (its record's
+    ``category`` is the slug the generic schema stands in for); ``fallback=False`` skips such items instead."""
     reg = categories or default_categories()
-    for line in (folder / "listings.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["product_type"] not in reg:
+    rows = [json.loads(line) for line in (folder / "listings.jsonl").read_text().splitlines() if line.strip()]
+    questions: dict[str, list[str]] = {}
+    for row in rows:
+        questions.setdefault(row["product_type"], []).extend(x["question"] for x in row.get("qa", []))
+    nouns = {slug: product_nouns(slug, qs) for slug, qs in questions.items()}
+    for row in rows:
+        if not fallback and row["product_type"] not in reg:
             continue
-        cat = reg.get(row["product_type"])
+        cat = reg.resolve(row["product_type"])
         qa = [(x["question"], x["answer"]) for x in row.get("qa", [])]
         yield ListingRecord(
             item_id=row["item_id"],
             image=(folder / row["image"]).resolve(),
             title=row["title"],
             category=cat.category,
-            aspects=aspects_from_catalogue(row.get("color"), qa, cat),
+            aspects=aspects_from_catalogue(row.get("color"), qa, cat, nouns[row["product_type"]]),
             qa=qa,
         )
 

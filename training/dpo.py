@@ -86,7 +86,7 @@ def dpo_rows(pairs_file: Path, categories: CategoryRegistry) -> tuple[list[dict[
             continue
         rows.append(
             {
-                "prompt": sft_prompt(categories.get(p.category), 1),
+                "prompt": sft_prompt(categories.resolve(p.category), 1),
                 "chosen": [{"role": "assistant", "content": [{"type": "text", "text": p.chosen}]}],
                 "rejected": [{"role": "assistant", "content": [{"type": "text", "text": p.rejected}]}],
                 "images": [image],

@@ -148,12 +148,13 @@ def preference_pair(outcome: JudgeOutcome, category: CategorySchema, image: Imag
 def judge_event(event: AspectEvent, categories: CategoryRegistry) -> tuple[JudgeOutcome, PreferencePair | None] | None:
     """Judge a streamed AspectEvent against its seller listing, MACE-refined (rules) into the reference.
 
-    None when there is nothing to judge against (no seller title, or the category has no schema). The pair
+    None when there is nothing to judge against (no seller title). A category without a schema is judged
+    with the generic one, as the worker enriched it. The pair
     (bottom two verdicts) points at the event's first image; without images no pair is made.
     """
-    if not event.seller_title or event.category not in categories:
+    if not event.seller_title:
         return None
-    cat = categories.get(event.category)
+    cat = categories.resolve(event.category)
     ref = refine(event.listing_id, event.seller_title, event.seller_aspects, cat)
     aspects = {a.name: a.value for a in event.aspects}
     j = reference_judge(event.title, aspects, ref.title, ref.aspects)

@@ -96,6 +96,7 @@ class ExampleScore:
     schema_recall: float | None
     json_valid: bool
     exact_match: bool
+    generic: bool = False  # the category had no schema: checked against the generic one
 
 
 @dataclass
@@ -109,6 +110,13 @@ class Report:
     per_aspect: dict[str, tuple[float, float, int, int]] = field(default_factory=dict)  # name -> (precision, recall, n_pred, n_ref)
     missing_predictions: int = 0
     examples: list[ExampleScore] = field(default_factory=list)
+    generic_items: int = 0  # references whose category has no schema: scored against the generic one
+    generic_schema_recall: float | None = None  # schema recall over those, reported apart
+
+    @property
+    def schema_coverage(self) -> float:
+        """Share of references whose category has its own schema (what :attr:`schema_recall` is computed over)."""
+        return (self.n - self.generic_items) / self.n if self.n else 0.0
 
     def summary(self) -> dict[str, float | int]:
         return {
@@ -118,6 +126,8 @@ class Report:
             "json_valid": self.json_valid,
             "exact_match": self.exact_match,
             "n": self.n,
+            "schema_coverage": self.schema_coverage,
+            "generic_items": self.generic_items,
         }
 
 
@@ -131,19 +141,24 @@ def score(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]
 
     A reference record has ``id``, ``category``, ``title`` and ``aspects``. A reference
     without a prediction is scored as an empty (invalid) output and counted in
-    ``missing_predictions``. An unknown category raises ``UnknownCategoryError``.
+    ``missing_predictions``. Every category is scored: one without a schema is checked
+    against the generic schema, counted in ``generic_items``, and its schema recall is
+    reported apart (``generic_schema_recall``), so ``schema_recall`` measures compliance
+    with real category schemas over ``schema_coverage`` of the references.
     """
     examples: list[ExampleScore] = []
     tp: Counter[str] = Counter()
     n_pred: Counter[str] = Counter()
     n_ref: Counter[str] = Counter()
     missing = 0
+    generic_recall: list[float] = []
     for ref in references:
         rid = str(ref["id"])
         if rid not in predictions:
             missing += 1
         raw = predictions.get(rid, "")
-        allowed = {norm(n) for n in categories.get(ref["category"]).names}
+        schema = categories.resolve(str(ref["category"]))
+        allowed = {norm(n) for n in schema.names}
         ref_pairs = pairs(ref["aspects"])
         ref_json = canonical_json(ref["title"], ref["aspects"])
         parsed = parse_prediction(raw)
@@ -154,12 +169,16 @@ def score(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]
             pred_pairs = pairs(parsed[1])
             pred_json = canonical_json(*parsed)
         names = [norm(k) for k in (parsed[1] if parsed else {})]
+        recall = (sum(n in allowed for n in names) / len(names)) if names else None
+        if schema.generic and recall is not None:
+            generic_recall.append(recall)
         examples.append(
             ExampleScore(
                 id=rid,
                 rouge_l_f1=rouge_l_f1(pred_json, ref_json),
                 aspect_f1=aspect_f1(pred_pairs, ref_pairs),
-                schema_recall=(sum(n in allowed for n in names) / len(names)) if names else None,
+                schema_recall=None if schema.generic else recall,
+                generic=schema.generic,
                 json_valid=parsed is not None,
                 exact_match=parsed is not None and pred_json == ref_json,
             )
@@ -184,6 +203,8 @@ def score(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]
         per_aspect=per_aspect,
         missing_predictions=missing,
         examples=examples,
+        generic_items=sum(e.generic for e in examples),
+        generic_schema_recall=_mean(generic_recall) if generic_recall else None,
     )
 
 

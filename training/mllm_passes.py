@@ -132,7 +132,7 @@ async def run_mace(
     summary = PassSummary("mace")
 
     async def work(r: ListingRecord) -> dict[str, Any]:
-        cat = categories.get(r.category)
+        cat = categories.resolve(r.category)
         det = refine(r.item_id, r.title, r.aspects, cat)
         url = prepare_image(r.image.read_bytes()).data_url()
         resp, *_ = await client.complete_json(mace_messages(cat, [url], det.title, det.aspects), cat.json_schema(), f"mace_{cat.category}")
@@ -199,7 +199,7 @@ async def run_lacu(
     ]
 
     async def work(r: ListingRecord) -> dict[str, Any]:
-        turns = await lacu_conversation(client, r.title, r.aspects, categories.get(r.category))
+        turns = await lacu_conversation(client, r.title, r.aspects, categories.resolve(r.category))
         return {
             "item_id": r.item_id,
             "image": by_id[r.item_id].get("image"),

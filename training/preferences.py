@@ -52,7 +52,7 @@ async def build_pairs(
 
     async def one(r: ListingRecord, ref_title: str, ref_aspects: dict[str, str]) -> None:
         nonlocal done
-        cat = categories.get(r.category)
+        cat = categories.resolve(r.category)
         try:
             res = await client.generate([r.image.read_bytes()], cat)
             raw, model = res.raw, res.model

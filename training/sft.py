@@ -141,7 +141,7 @@ def training_items(
         elif r.item_id in mllm:
             title, aspects = mllm[r.item_id]["title"], dict(mllm[r.item_id]["aspects"])
         else:
-            det = refine(r.item_id, r.title, r.aspects, categories.get(r.category))
+            det = refine(r.item_id, r.title, r.aspects, categories.resolve(r.category))
             title, aspects = det.title, det.aspects
         if title:
             out.append((r, title, aspects))
@@ -245,7 +245,7 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     rows = []
     for r, title, aspects in rep.track(items, len(items), "building rows"):
         image = str(r.image)  # decoded lazily by the dataset's Image feature (see build_dataset)
-        category = cats.get(r.category)
+        category = cats.resolve(r.category)
         rows.append(sft_row(title, aspects, category, image))
         if config.lacu:
             turns = conversation_from_listing(title, aspects, category, r.qa)

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from schemas.category import default_categories
+from schemas.category import CATEGORY_DIR, CategoryRegistry
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -68,11 +68,12 @@ class TinyModelConfig:
 
 
 def _corpus() -> list[str]:
-    """Deterministic local text: category schemas, the bundled sample titles, JSON shapes."""
+    """Deterministic local text: the hand-written category schemas (not induced sets, which change with the data:
+    the tokenizer and so the base model stay the same), the bundled sample titles, JSON shapes."""
     from inference.prompt import instruction
 
     lines: list[str] = []
-    reg = default_categories()
+    reg = CategoryRegistry.load(CATEGORY_DIR)
     for name in reg.names:
         c = reg.get(name)
         lines.append(instruction(c))

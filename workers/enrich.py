@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import urllib.parse
 from collections import deque
@@ -69,6 +70,7 @@ from schemas.events import (
     Timings,
 )
 from schemas.retry import Backoff
+from schemas.schema_source import SchemaWatcher
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 from workers.circuit import CircuitBreaker
@@ -176,7 +178,7 @@ class EnrichWorker:
         client: ListingClient,
         loader: ImageLoader,
         cache: ResultCache | None,
-        categories: CategoryRegistry,
+        categories: CategoryRegistry | SchemaWatcher,
         codec: EventCodec[ListingImageEvent],
         aspect_codec: EventCodec[AspectEvent],
         dl_codec: EventCodec[DeadLetter],
@@ -190,7 +192,9 @@ class EnrichWorker:
         self.client = client
         self.loader = loader
         self.cache = cache
-        self.categories = categories
+        # a fixed registry, or a watcher that swaps in changed schema files between records (poll() in the loop)
+        self.schemas = categories if isinstance(categories, SchemaWatcher) else None
+        self._fixed = categories if isinstance(categories, CategoryRegistry) else None
         self.codec = codec
         self.aspect_codec = aspect_codec
         self.dl_codec = dl_codec
@@ -220,6 +224,21 @@ class EnrichWorker:
         self._reports: list[_Report] = []
         if cache is not None:
             cache.on_error = lambda op: self.metrics.cache_errors.labels(op).inc()
+
+    @property
+    def categories(self) -> CategoryRegistry:
+        """The schema set in use now: a record is checked against the set current when its enrichment starts."""
+        return self.schemas.registry if self.schemas is not None else self._fixed  # type: ignore[return-value]
+
+    def _poll_schemas(self) -> None:
+        if self.schemas is None:
+            return
+        failures = self.schemas.failures
+        if self.schemas.poll():
+            self.metrics.schema_reloads.labels("ok").inc()
+        elif self.schemas.failures > failures:
+            self.metrics.schema_reloads.labels("refused").inc()
+        self.metrics.schema_categories.set(len(self.schemas.registry))
 
     # -- lifecycle -------------------------------------------------------------------------
     def _consumer_of(self, topic: str) -> Consumer:
@@ -287,6 +306,7 @@ class EnrichWorker:
                 self._probe_dependencies()
                 self._flow_control()
                 window = self._window()
+                self._poll_schemas()
                 got: list[Message] = []
                 # realtime first: it may take the whole window
                 space = window - len(self.jobs)
@@ -791,7 +811,6 @@ def _judge_context(event: ListingImageEvent) -> dict[str, Any]:
 
 def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -> EnrichWorker:
     """An EnrichWorker with real clients from settings (Kafka, Redis, vLLM endpoints)."""
-    from schemas.category import default_categories
     from schemas.serde import framing_for
     from workers.kafka_clients import make_consumer, make_producer
 
@@ -833,7 +852,7 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
         client=client,
         loader=loader,
         cache=cache,
-        categories=default_categories(),
+        categories=SchemaWatcher(settings.schemas.paths, settings.schemas.reload_s),
         codec=EventCodec(ListingImageEvent, framing=framing),
         aspect_codec=EventCodec(AspectEvent, framing=framing),
         dl_codec=EventCodec(DeadLetter, framing=framing),
@@ -844,8 +863,16 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
 async def run_worker(
     settings: OpalSettings, stop: asyncio.Event, idle_exit_s: float | None = None, metrics: WorkerMetrics | None = None
 ) -> EnrichWorker:
-    """Build, run until ``stop`` (or idle), close clients. Returns the worker for its counters."""
+    """Build, run until ``stop`` (or idle), close clients. Returns the worker for its counters.
+
+    In the main thread SIGHUP makes the worker re-read its schema files before the next record."""
     worker = build_worker(settings, metrics)
+    loop = asyncio.get_running_loop()
+    hup = False
+    if worker.schemas is not None and hasattr(signal, "SIGHUP"):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread: no handler
+            loop.add_signal_handler(signal.SIGHUP, worker.schemas.request_reload)
+            hup = True
     async with worker.client:
         try:
             await worker.run(stop, idle_exit_s=idle_exit_s)
@@ -853,4 +880,6 @@ async def run_worker(
             await worker.loader.aclose()
             if worker.cache is not None:
                 await worker.cache.aclose()
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
     return worker

@@ -302,15 +302,16 @@ def build_indexer(
     metrics: IndexerMetrics | None = None,
 ) -> SearchIndexer:
     """A SearchIndexer with real clients from settings (Kafka, Redis)."""
-    from schemas.category import default_categories
+    from schemas.schema_source import configured_categories
     from schemas.serde import framing_for
     from workers.kafka_clients import make_consumer, make_producer
 
     framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
+    categories = configured_categories(settings.schemas.paths)
     return SearchIndexer(
         consumer=make_consumer(settings.kafka, group_id),
         producer=make_producer(settings.kafka),
-        index=SearchIndex.from_url(settings.redis.url_value(), settings.redis.key_prefix, default_categories()),
+        index=SearchIndex.from_url(settings.redis.url_value(), settings.redis.key_prefix, categories),
         codec=EventCodec(AspectEvent, framing=framing),
         dl_codec=EventCodec(DeadLetter, framing=framing),
         topic=settings.topics.aspects,

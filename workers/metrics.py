@@ -55,6 +55,8 @@ class WorkerMetrics(_Metrics):
         self.cache_errors = Counter(
             "opal_enrich_cache_errors_total", "Redis cache operations that failed (degraded to a miss)", ["op"], registry=r
         )
+        self.schema_reloads = Counter("opal_enrich_schema_reloads_total", "Schema-set reloads", ["result"], registry=r)
+        self.schema_categories = Gauge("opal_enrich_schema_categories", "Category schemas in use", registry=r)
         self.coalesced = Counter(
             "opal_enrich_coalesced_total", "Cache misses that shared another record's in-flight model request", registry=r
         )
