@@ -37,6 +37,7 @@ demo-model: install
 	rm -rf $(DEMO_OUT) && $(STREAM)/bin/opal train sft --base .opal/demo-model/base --data $(ABO) --out $(DEMO_OUT)
 	$(STREAM)/bin/opal eval run --model $(DEMO_OUT) --data $(ABO) --out .opal/demo-model/eval
 	$(STREAM)/bin/opal model card --model $(DEMO_OUT) --eval .opal/demo-model/eval --reproduce "make demo-model ABO=$(ABO)"
+	rm -f $(DEMO_OUT)/sft_run.json  # the resume record names this machine's paths; the card keeps every setting
 
 # The induced category schemas shipped for the ABO catalogue (schemas/induced/abo.json + its review table; ~2 s).
 schemas-abo: install-stream

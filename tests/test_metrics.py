@@ -37,6 +37,19 @@ def test_perfect_prediction_scores_one() -> None:
     assert (r.rouge_l_f1, r.aspect_f1, r.schema_recall, r.json_valid, r.exact_match) == (1.0, 1.0, 1.0, 1.0, 1.0)
 
 
+def test_every_category_is_scored_and_schema_recall_says_its_coverage() -> None:
+    spaceship = {"id": "2", "category": "spaceship", "title": "Silver rocket", "aspects": {"Color": "silver"}}
+    outs = {
+        "1": json.dumps({"aspects": {"Color": "white", "Wingspan": "3 m"}, "title": "White shoes"}),  # half off the schema
+        "2": json.dumps({"aspects": {"Color": "silver", "Thrust": "lots"}, "title": "Silver rocket"}),  # generic: Thrust is off it
+    }
+    r = score(outs, [REF, spaceship], REG)
+    assert r.n == 2 and r.generic_items == 1 and r.schema_coverage == 0.5
+    assert r.schema_recall == 0.5  # over the one reference with a category schema
+    assert r.generic_schema_recall == 0.5  # the generic one, reported apart
+    assert [e.generic for e in r.examples] == [False, True]
+
+
 def test_rouge_matches_rouge_score_directly() -> None:
     pred = {"title": "White court shoes", "aspects": {"Color": "white", "Size": "42"}}
     r = score({"1": json.dumps(pred)}, [REF], REG)

@@ -407,6 +407,15 @@ def swap_line(result: EvalResult) -> str:
     )
 
 
+def coverage_line(result: EvalResult) -> str:
+    """How many scored items had their own category schema (schema recall is computed over those)."""
+    r = result.reports[MODEL]
+    return (
+        f"Schema recall over the {r.n - r.generic_items} items with a category schema ({r.schema_coverage:.0%}); "
+        f"{r.generic_items} fell back to the generic schema."
+    )
+
+
 def tables(result: EvalResult) -> list[TextTable]:
     """Systems x metrics; swap deltas; per-aspect accuracy; distinct titles per category."""
     systems = list(result.predictions)
@@ -416,7 +425,7 @@ def tables(result: EvalResult) -> list[TextTable]:
             f"{result.model}: {len(result.references)} items of {result.config.data.name}/{result.config.split}",
             ["system", *(metric_label(m) for m in METRICS), "distinct titles"],
             [[s, *(fmt(rows[s][m]) for m in METRICS), fmt(rows[s]["distinct_titles"])] for s in systems],
-            f"† {GUARANTEED_NOTE}",
+            f"† {GUARANTEED_NOTE} {coverage_line(result)}",
         )
     ]
     deltas = result.deltas()
