@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from inference.images import prepare_image
+from inference.images import PreparedImage, prepare_image
 from inference.output import Listing, normalise_name, parse_listing
 from inference.prompt import serving_messages
 from schemas.category import CategoryRegistry, CategorySchema, default_categories
@@ -271,10 +271,15 @@ class ListingClient:
             resp, endpoint, attempts = await self._request_with_retry("POST", "/chat/completions", body)
             return resp, endpoint, attempts, queued_ms, (time.perf_counter() - t0) * 1000
 
-    async def generate(self, images: Sequence[bytes], category: str | CategorySchema, temperature: float = 0.0) -> InferenceResult:
-        """One listing for one item (see module contract); a category named without a schema gets the generic one."""
+    async def generate(
+        self, images: Sequence[bytes | PreparedImage], category: str | CategorySchema, temperature: float = 0.0
+    ) -> InferenceResult:
+        """One listing for one item (see module contract); a category named without a schema gets the generic one.
+
+        Raw bytes are checked and prepared here; a :class:`~inference.images.PreparedImage` (from a caller that
+        already checked it, such as the worker's image loader) is sent as it is."""
         cat = category if isinstance(category, CategorySchema) else self.categories.resolve(category)
-        prepared = [prepare_image(b, self.max_image_bytes, self.max_image_pixels) for b in images]
+        prepared = [b if isinstance(b, PreparedImage) else prepare_image(b, self.max_image_bytes, self.max_image_pixels) for b in images]
         if not prepared:
             raise ValueError("generate() needs at least one image")
         resp, endpoint, attempts, queued_ms, inference_ms = await self.complete_json(

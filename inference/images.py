@@ -8,6 +8,7 @@ sends bytes it could not decode itself. Pure and thread-safe.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -33,10 +34,14 @@ class ImageRejectedError(OpalError):
 
 @dataclass(frozen=True)
 class PreparedImage:
+    """An image checked and ready to send: ``data`` (the original bytes, or a re-encoded downscale) and the
+    SHA-256 of the original bytes (what caches key on: the same file always has the same key)."""
+
     data: bytes
     mime: str
     width: int
     height: int
+    source_sha256: str = ""
 
     def data_url(self) -> str:
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode()}"
@@ -70,13 +75,14 @@ def prepare_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: in
                 probe.verify()
             with Image.open(io.BytesIO(data), formats=[fmt]) as img:
                 img.load()  # full decode: catches truncated bodies verify() misses
+                sha = hashlib.sha256(data).hexdigest()
                 if max(w, h) <= max_side and fmt in ("JPEG", "PNG"):
-                    return PreparedImage(data, ALLOWED_FORMATS[fmt], w, h)
+                    return PreparedImage(data, ALLOWED_FORMATS[fmt], w, h, sha)
                 rgb = img.convert("RGB")
                 rgb.thumbnail((max_side, max_side))
                 out = io.BytesIO()
                 rgb.save(out, format="JPEG", quality=90)
-                return PreparedImage(out.getvalue(), "image/jpeg", rgb.width, rgb.height)
+                return PreparedImage(out.getvalue(), "image/jpeg", rgb.width, rgb.height, sha)
     except ImageRejectedError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -54,12 +54,29 @@ def test_n_in_n_out_then_cache_skips_the_model(wsettings: OpalSettings, images: 
     assert m.value("opal_enrich_model_requests_total") == 12
     assert w.client.stats.requests >= 12
 
+    # a cached entry keeps the schema check its output got: one entry rewritten as if it had been invalid
+    from workers.result_cache import CachedListing, ResultCache
+
+    first = out[0][1]
+    marked = CachedListing(first.title, [(a.name, a.value, a.confidence) for a in first.aspects], invalid_values=["Color=sky"])
+    cache = ResultCache(wsettings.redis.url_value(), 60, wsettings.redis.key_prefix)
+    schema_key = default_categories().resolve(first.category).key
+
+    async def mark() -> None:
+        await cache.put(f"{first.model.name}@{first.model.version}", schema_key, first.image_sha256, marked)
+        await cache.aclose()
+
+    asyncio.run(mark())
+
     # same photos again (new listings): every result comes from valkey, no request reaches the server
     again = _events(images, 12, prefix="again")
     _publish(wsettings, [(e.listing_id.encode(), CODEC.encode(e)) for e in again])
     w2, m2 = _run(wsettings)
     out2 = [ev for _, ev in _read(wsettings, wsettings.topics.aspects, EventCodec(AspectEvent), 24) if ev.listing_id.startswith("again-")]
     assert len(out2) == 12 and all(ev.cache_hit for ev in out2)
+    checks = {ev.image_sha256: ev.schema_check for ev in out2}
+    assert not checks[first.image_sha256].valid and checks[first.image_sha256].invalid_values == ["Color=sky"]
+    assert sum(c.valid for c in checks.values()) == len(checks) - 1
     assert m2.value("opal_enrich_cache_hits_total") == 12
     assert m2.value("opal_enrich_model_requests_total") == 0
     assert w2.client.stats.requests == 1  # only the start-up GET /models; no generation request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -55,9 +56,13 @@ def http_base() -> Iterator[str]:
 
 
 def _load(loader: ImageLoader, uri: str) -> bytes:
+    """The bytes the loader would send (a small photo is sent as it is), after checking its source digest."""
+
     async def go() -> bytes:
         try:
-            return await loader.load(uri)
+            image = await loader.load(uri)
+            assert image.source_sha256 == hashlib.sha256(image.data).hexdigest()
+            return image.data
         finally:
             await loader.aclose()
 

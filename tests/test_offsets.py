@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.enrich import OffsetTracker
+from workers.offsets import OffsetTracker
 
 
 def test_out_of_order_completion_stores_only_the_prefix() -> None:

@@ -57,6 +57,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from inference.client import InferenceResult, InferenceUnavailableError, ListingClient, model_info
+from inference.images import PreparedImage
 from schemas.category import CategoryRegistry, CategorySchema
 from schemas.errors import ErrorKind, OpalError, OutputTooLargeError, clean_message
 from schemas.events import (
@@ -73,10 +74,12 @@ from schemas.retry import Backoff
 from schemas.schema_source import SchemaWatcher
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
+from workers import flow_control as flow
 from workers.circuit import CircuitBreaker
 from workers.image_loader import ImageLoader, host_dependency
 from workers.intake import dead_letter_for, decode_listing_event
 from workers.metrics import WorkerMetrics
+from workers.offsets import OffsetTracker
 from workers.result_cache import CachedListing, ResultCache, images_digest
 
 log = logging.getLogger(__name__)
@@ -94,54 +97,13 @@ _BROKER_SAFE_BYTES = 900_000
 
 
 @dataclass
-class _Partition:
-    """Offsets of one partition: which are in flight, which are done."""
-
-    pending: set[int] = field(default_factory=set)
-    done: set[int] = field(default_factory=set)
-    next_to_commit: int | None = None  # lowest offset not yet done and stored
-
-    def add(self, offset: int) -> None:
-        if self.next_to_commit is None or offset < self.next_to_commit:
-            self.next_to_commit = offset
-        self.pending.add(offset)
-
-    def finish(self, offset: int) -> int | None:
-        """Mark done; returns the new offset to store (next to consume) when the prefix advanced."""
-        self.pending.discard(offset)
-        self.done.add(offset)
-        advanced = None
-        while self.next_to_commit is not None and self.next_to_commit in self.done:
-            self.done.discard(self.next_to_commit)
-            self.next_to_commit += 1
-            advanced = self.next_to_commit
-        return advanced
-
-
-class OffsetTracker:
-    """Contiguous-prefix offset storing across partitions (pure bookkeeping)."""
-
-    def __init__(self) -> None:
-        self.partitions: dict[tuple[str, int], _Partition] = {}
-
-    def add(self, topic: str, partition: int, offset: int) -> None:
-        self.partitions.setdefault((topic, partition), _Partition()).add(offset)
-
-    def finish(self, topic: str, partition: int, offset: int) -> int | None:
-        p = self.partitions.get((topic, partition))
-        return None if p is None else p.finish(offset)
-
-    def drop(self, topic: str, partition: int) -> None:
-        self.partitions.pop((topic, partition), None)
-
-
-@dataclass
 class _Job:
     msg: Message
     lane: Lane
     consumed_at: float
     task: asyncio.Task[None] | None = None
     attempts: int = 0  # tries that counted against the record (outages do not)
+    images: list[PreparedImage] | None = None  # loaded once, reused by retries
     listing_id: str | None = None
 
 
@@ -309,18 +271,18 @@ class EnrichWorker:
                 self._poll_schemas()
                 got: list[Message] = []
                 # realtime first: it may take the whole window
-                space = window - len(self.jobs)
-                if space > 0 or self._lane_paused(Lane.REALTIME):  # paused consumers are still polled (callbacks, liveness)
-                    got = self._consume(Lane.REALTIME, max(1, min(space, self.w.batch_max_size)), 0)
+                q = flow.quotas(window, self._in_flight(), self._backfill_cap(window), self.w.batch_max_size)
+                if q.realtime > 0 or self._lane_paused(Lane.REALTIME):  # paused consumers are still polled (callbacks, liveness)
+                    got = self._consume(Lane.REALTIME, max(1, q.realtime), 0)
                     for m in got:
                         self._start(m)
                     if got:
                         self._last_rt = time.monotonic()
                 # backfill only up to its cap (the whole window when realtime is idle)
-                room = min(window - len(self.jobs), self._backfill_cap(window) - self._lane_in_flight(Lane.BACKFILL))
-                if room > 0 or self._lane_paused(Lane.BACKFILL):
+                q = flow.quotas(window, self._in_flight(), self._backfill_cap(window), self.w.batch_max_size)
+                if q.backfill > 0 or self._lane_paused(Lane.BACKFILL):
                     timeout = 0 if (self.jobs or got) else 0.1  # block briefly only when there is nothing else to do
-                    bf = self._consume(Lane.BACKFILL, max(1, min(room, self.w.batch_max_size)), timeout)
+                    bf = self._consume(Lane.BACKFILL, max(1, q.backfill), timeout)
                     for m in bf:
                         self._start(m)
                     got += bf
@@ -383,15 +345,15 @@ class EnrichWorker:
             consumer.close()  # leaves the group
         log.info("worker stopped; %d outputs, %d records handed back", self.outputs, len(self.jobs))
 
-    # -- flow control ----------------------------------------------------------------------
+    # -- flow control (decisions in workers/flow_control.py) --------------------------------
     def _window(self) -> int:
-        lat = sorted(self._latencies)
-        if lat and self.w.max_model_latency_s and lat[len(lat) // 2] > self.w.max_model_latency_s:
-            return max(1, self.w.max_in_flight // 4)
-        return self.w.max_in_flight
+        return flow.window(self._latencies, self.w.max_in_flight, self.w.max_model_latency_s)
 
     def _lane_in_flight(self, lane: Lane) -> int:
         return sum(1 for j in self.jobs.values() if j.lane is lane)
+
+    def _in_flight(self) -> dict[Lane, int]:
+        return {lane: self._lane_in_flight(lane) for lane in Lane}
 
     def _update_lag(self) -> None:
         now = time.monotonic()
@@ -421,38 +383,35 @@ class EnrichWorker:
                     continue
                 self._lag[(tp.topic, tp.partition)] = lag
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-                part = self.tracker.partitions.get((tp.topic, tp.partition))
-                resume_at = part.next_to_commit if part is not None and part.next_to_commit is not None else tp.offset
+                tracked = self.tracker.resume_at(tp.topic, tp.partition)
+                resume_at = tracked if tracked is not None else tp.offset
                 if resume_at is not None and resume_at >= 0:
                     self.metrics.commit_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - resume_at))
         oldest = min((j.consumed_at for j in self.jobs.values()), default=None)
         self.metrics.oldest_in_flight.set(0.0 if oldest is None else now - oldest)
 
     def _realtime_backlog(self) -> bool:
-        """True unless every assigned realtime partition is known to be drained (unknown lag counts as backlog)."""
-        if time.monotonic() - self._last_rt < 0.5 or self._lane_in_flight(Lane.REALTIME) > 0:
-            return True
         rt = [tp for tp in self.assigned if self.lanes.get(tp[0]) is Lane.REALTIME]
-        return any(self._lag.get(tp, 1) > 0 for tp in rt)
+        return flow.realtime_backlog(
+            time.monotonic() - self._last_rt, self._lane_in_flight(Lane.REALTIME), (self._lag.get(tp) for tp in rt)
+        )
 
     def _backfill_cap(self, window: int) -> int:
-        if Lane.REALTIME not in self._joined:
-            return 0  # until the realtime lane has joined, its backlog is unknown: take no backfill
-        return max(1, int(window * self.w.backfill_share)) if self._realtime_backlog() else window
+        return flow.backfill_cap(window, self.w.backfill_share, Lane.REALTIME in self._joined, self._realtime_backlog())
 
     def _flow_control(self) -> None:
-        """Pause what must not be fetched: everything when the window is full (resume at half) or
-        the model's breaker is open, backfill when it holds its share while realtime has backlog."""
+        """Pause and resume partitions as :func:`workers.flow_control.partitions_to_pause` decides."""
         window = self._window()
-        all_paused = bool(self.assigned) and self.paused >= self.assigned
-        full = len(self.jobs) >= window or (all_paused and len(self.jobs) > window // 2)
-        model_down = MODEL in self._deps and self._deps[MODEL].breaker.is_open
-        if full or model_down:
-            want = set(self.assigned)
-        elif self._lane_in_flight(Lane.BACKFILL) >= self._backfill_cap(window):
-            want = {tp for tp in self.assigned if self.lanes.get(tp[0]) is Lane.BACKFILL}
-        else:
-            want = set()
+        want = flow.partitions_to_pause(
+            self.assigned,
+            self.lanes,
+            self.paused,
+            held=len(self.jobs),
+            window_size=window,
+            backfill_in_flight=self._lane_in_flight(Lane.BACKFILL),
+            cap=self._backfill_cap(window),
+            model_down=MODEL in self._deps and self._deps[MODEL].breaker.is_open,
+        )
         for lane, consumer in self.consumers.items():
             pause = [TopicPartition(t, p) for t, p in want - self.paused if self.lanes.get(t) is lane]
             resume = [TopicPartition(t, p) for t, p in (self.paused - want) & self.assigned if self.lanes.get(t) is lane]
@@ -601,15 +560,22 @@ class EnrichWorker:
                 self._dead_letter(job, err)
                 return
 
-    async def _load_images(self, event: ListingImageEvent) -> list[bytes]:
+    async def _load_images(self, event: ListingImageEvent, job: _Job) -> list[PreparedImage]:
+        """The record's images, fetched and decoded once: a retry of the model reuses them (a retry after a failed
+        fetch fetches again, since nothing was kept)."""
+        if job.images is not None:
+            return job.images
         images = []
         for img in event.images[: self.s.vllm.images_per_prompt]:
             images.append(await self.loader.load(img.uri))
             if img.uri.startswith(("http://", "https://")) and self._deps:
                 self._answered(host_dependency(urllib.parse.urlsplit(img.uri)))
+        job.images = images
         return images
 
-    async def _generate(self, images: list[bytes], schema: CategorySchema, digest: str) -> tuple[InferenceResult, list[AspectValue]]:
+    async def _generate(
+        self, images: list[PreparedImage], schema: CategorySchema, digest: str
+    ) -> tuple[InferenceResult, list[AspectValue]]:
         """The model's answer for (version, category schema, images), stored in the cache before it is shared.
 
         Concurrent callers with the same key share one request (single flight); the flight
@@ -636,8 +602,11 @@ class EnrichWorker:
                 cached = CachedListing(
                     result.listing.title,
                     [(a.name, a.value, a.confidence) for a in aspects],
+                    unknown_keys=result.check.unknown_keys,
+                    invalid_values=result.check.invalid_values,
                     model_name=result.model.name,
                     model_version=result.model.version,
+                    missing_required=result.check.missing_required,
                 )
                 await self.cache.put(self.model_version, schema.key, digest, cached)
         except asyncio.CancelledError:
@@ -657,46 +626,52 @@ class EnrichWorker:
 
     async def _enrich(self, event: ListingImageEvent, job: _Job) -> AspectEvent:
         t0 = time.perf_counter()
-        images = await self._load_images(event)
+        images = await self._load_images(event, job)
         image_ms = (time.perf_counter() - t0) * 1000
-        digest = images_digest(images)
+        digest = images_digest([i.source_sha256 for i in images])
         schema = self.categories.resolve(event.category, self.w.generic_fallback)
         cached = await self.cache.get(self.model_version, schema.key, digest) if self.cache else None
         if cached is not None:
             self.metrics.cache_hits.inc()
-            return AspectEvent(
-                listing_id=event.listing_id,
-                source_event_id=event.event_id,
-                category=event.category,
-                title=cached.title,
-                aspects=[AspectValue(name=n, value=v, confidence=c) for n, v, c in cached.aspects],
-                model=ModelInfo(name=cached.model_name, version=cached.model_version),
-                schema_check=SchemaCheck(valid=True),
-                image_sha256=digest,
-                cache_hit=True,
-                timings=Timings(image_ms=image_ms, total_ms=(time.monotonic() - job.consumed_at) * 1000),
-                category_schema=schema.ref,
-                generic_schema=schema.generic,
-                **_judge_context(event),
+            check = SchemaCheck(
+                valid=cached.valid,
+                unknown_keys=cached.unknown_keys,
+                invalid_values=cached.invalid_values,
+                missing_required=cached.missing_required,
             )
+            aspects = [AspectValue(name=n, value=v, confidence=c) for n, v, c in cached.aspects]
+            model = ModelInfo(name=cached.model_name, version=cached.model_version)
+            return self._aspect_event(event, job, schema, digest, cached.title, aspects, model, check, Timings(image_ms=image_ms), True)
         self.metrics.cache_misses.inc()
         result, aspects = await self._generate(images, schema, digest)
+        timings = Timings(queued_ms=result.queued_ms, image_ms=image_ms, inference_ms=result.inference_ms)
+        return self._aspect_event(event, job, schema, digest, result.listing.title, aspects, result.model, result.check, timings, False)
+
+    @staticmethod
+    def _aspect_event(
+        event: ListingImageEvent,
+        job: _Job,
+        schema: CategorySchema,
+        digest: str,
+        title: str,
+        aspects: list[AspectValue],
+        model: ModelInfo,
+        check: SchemaCheck,
+        timings: Timings,
+        cache_hit: bool,
+    ) -> AspectEvent:
+        """The AspectEvent of a record, from the model or from the cache (which has no model times)."""
         return AspectEvent(
             listing_id=event.listing_id,
             source_event_id=event.event_id,
             category=event.category,
-            title=result.listing.title,
+            title=title,
             aspects=aspects,
-            model=result.model,
-            schema_check=result.check,
+            model=model,
+            schema_check=check,
             image_sha256=digest,
-            cache_hit=False,
-            timings=Timings(
-                queued_ms=result.queued_ms,
-                image_ms=image_ms,
-                inference_ms=result.inference_ms,
-                total_ms=(time.monotonic() - job.consumed_at) * 1000,
-            ),
+            cache_hit=cache_hit,
+            timings=timings.model_copy(update={"total_ms": (time.monotonic() - job.consumed_at) * 1000}),
             category_schema=schema.ref,
             generic_schema=schema.generic,
             **_judge_context(event),

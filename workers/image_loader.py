@@ -2,8 +2,9 @@
 allow-list of hosts, with byte, time and pixel limits.
 
 Contract of :meth:`ImageLoader.load`
-- Returns the raw bytes, already checked by :func:`inference.images.prepare_image`
-  (type sniffed, fully decodable, under the pixel limit: decompression bombs refused).
+- Returns the image prepared by :func:`inference.images.prepare_image` (type sniffed,
+  fully decodable, under the pixel limit: decompression bombs refused; downscaled if
+  large), with the SHA-256 of the bytes as fetched: decoded once, sent as it is.
 - Raises :class:`ImageRejectedError` (not retriable) for a disallowed scheme, path
   or host, a missing file, an HTTP 4xx, a body over the byte limit, or bad bytes.
 - Raises :class:`ImageFetchError` (retriable) for timeouts, connection errors and
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from inference.images import ImageRejectedError, prepare_image
+from inference.images import ImageRejectedError, PreparedImage, prepare_image
 from schemas.errors import ErrorKind, OpalError
 
 
@@ -83,7 +84,7 @@ class ImageLoader:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def load(self, uri: str) -> bytes:
+    async def load(self, uri: str) -> PreparedImage:
         try:
             parsed = urllib.parse.urlsplit(uri)
             _ = parsed.port  # raises for a port out of range or not a number
@@ -98,8 +99,7 @@ class ImageLoader:
                 raise ImageFetchError(f"GET {_short(uri)} took longer than {self.timeout_s} s", host_dependency(parsed)) from None
         else:
             raise ImageRejectedError(f"scheme {parsed.scheme[:20] or '(none)'!r} not allowed in {_short(uri)}")
-        prepare_image(data, self.max_bytes, self.max_pixels)  # raises ImageRejectedError
-        return data
+        return prepare_image(data, self.max_bytes, self.max_pixels)  # raises ImageRejectedError
 
     async def probe(self, dependency: str) -> None:
         """Is the image host named by ``dependency`` (from an :class:`ImageFetchError`) answering?

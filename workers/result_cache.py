@@ -28,19 +28,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CachedListing:
+    """A generated listing as the cache keeps it: what an AspectEvent needs, including the schema check the
+    model's output got (a hit reports it as it was, not as valid by assumption)."""
+
     title: str
     aspects: list[tuple[str, str, float]]
     unknown_keys: list[str] = field(default_factory=list)
     invalid_values: list[str] = field(default_factory=list)
     model_name: str = ""
     model_version: str = ""
+    missing_required: list[str] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not (self.unknown_keys or self.invalid_values or self.missing_required)
 
 
-def images_digest(images: list[bytes]) -> str:
-    """sha256 of one image, or of the concatenated per-image digests for several."""
-    if len(images) == 1:
-        return hashlib.sha256(images[0]).hexdigest()
-    return hashlib.sha256(b"".join(hashlib.sha256(i).digest() for i in images)).hexdigest()
+def images_digest(sha256s: list[str]) -> str:
+    """The cache's image key from the images' SHA-256 (hex) digests: the one digest, or for several the sha256 of
+    the concatenated binary digests."""
+    if len(sha256s) == 1:
+        return sha256s[0]
+    return hashlib.sha256(b"".join(bytes.fromhex(h) for h in sha256s)).hexdigest()
 
 
 class ResultCache:
