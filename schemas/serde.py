@@ -36,7 +36,6 @@ import struct
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -46,7 +45,8 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import SecretStr, ValidationError
 
 from schemas.errors import DecodeError, InvalidEventError, SchemaRegistryError, UnknownSchemaError
-from schemas.events import EVENT_TYPES, _Event
+from schemas.events import _Event
+from schemas.settings import KafkaSettings
 
 AVRO_ROOT = Path(__file__).parent / "avro"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -281,11 +281,6 @@ def default_store() -> SchemaStore:
     return _DEFAULT_STORE
 
 
-def codecs(framing: Framing | None = None, store: SchemaStore | None = None) -> dict[type[_Event], EventCodec[Any]]:
-    """One codec per event type sharing a framing."""
-    return {m: EventCodec(m, store, framing) for m in EVENT_TYPES}
-
-
 def framing_for(registry_url: str | None, auth: SecretStr | None = None, store: SchemaStore | None = None) -> Framing:
     """The framing the settings ask for: Confluent with a registry, single-object otherwise."""
     if registry_url:
@@ -293,5 +288,20 @@ def framing_for(registry_url: str | None, auth: SecretStr | None = None, store: 
     return SingleObjectFraming(store or default_store())
 
 
-def iter_schema_files(root: Path = AVRO_ROOT) -> Iterable[Path]:
-    return sorted(root.glob("*/v*.avsc"))
+class CodecSet:
+    """Codecs for any event type sharing one framing: the settings' schema registry (one client) or single-object
+    encoding. ``codecs = CodecSet.of(settings.kafka); codecs[AspectEvent].encode(ev)``. Codecs are made on first use."""
+
+    def __init__(self, framing: Framing) -> None:
+        self.framing = framing
+        self._codecs: dict[type[Any], EventCodec[Any]] = {}
+
+    @classmethod
+    def of(cls, kafka: KafkaSettings) -> CodecSet:
+        return cls(framing_for(kafka.schema_registry_url, kafka.schema_registry_auth))
+
+    def __getitem__(self, model: type[E]) -> EventCodec[E]:
+        codec = self._codecs.get(model)
+        if codec is None:
+            codec = self._codecs[model] = EventCodec(model, framing=self.framing)
+        return codec

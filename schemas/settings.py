@@ -327,14 +327,15 @@ class WorkerSettings(BaseModel):
 
     model_config = _FROZEN
 
-    group_id: str = Field("opal-enrich", description="Consumer group of the enrichment worker.")
+    group_id: str = Field(
+        "opal-enrich", description="Consumer-group prefix of the enrichment worker: it joins <prefix>.realtime and <prefix>.backfill."
+    )
     generic_fallback: bool = Field(
         True,
         description="Enrich a listing whose category has no schema with the generic visual schema (the AspectEvent says so); "
         "false: dead-letter it as unknown_category.",
     )
     batch_max_size: int = Field(16, ge=1, description="Most events taken from one poll.")
-    batch_max_wait_ms: int = Field(50, ge=0, description="Longest wait to fill a batch.")
     max_in_flight: int = Field(64, ge=1, description="Events being processed at once; above it partitions are paused.")
     backfill_share: float = Field(0.2, ge=0, le=1, description="Share of capacity backfill may use while realtime has backlog.")
     max_attempts: int = Field(

@@ -62,4 +62,4 @@ def test_cli_apply_exits_1_on_mismatch(settings: OpalSettings, cli_env: dict[str
 def test_show_prints_flow(cli_env: dict[str, str]) -> None:
     r = subprocess.run([opal_bin(), "topology", "show"], env=cli_env, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0
-    assert "--[opal-enrich:" in r.stdout and "opal.listing-aspects" in r.stdout
+    assert "--[opal-enrich.realtime:" in r.stdout and "--[opal-enrich.backfill:" in r.stdout and "opal.listing-aspects" in r.stdout

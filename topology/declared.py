@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, ListingImageEvent, PreferencePair, _Event
+from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, Lane, ListingImageEvent, PreferencePair, _Event
 from schemas.settings import OpalSettings
 
 DAY_MS = 24 * 3600 * 1000
 INDEXER_GROUP = "opal-search-indexer"
 JUDGE_GROUP = "opal-judge"
+
+
+def enrich_group_id(group_id: str, lane: Lane) -> str:
+    """The consumer group of one lane of the enrichment worker: ``<OPAL_WORKER_GROUP_ID>.<lane>``."""
+    return f"{group_id}.{lane.value.lower()}"
 PREFERENCE_GROUP = "opal-preference-builder"
 
 
@@ -104,18 +109,25 @@ def build_topology(settings: OpalSettings) -> Topology:
     )
     groups = (
         ConsumerGroup(
-            settings.worker.group_id,
-            (t.images_realtime, t.images_backfill),
+            enrich_group_id(settings.worker.group_id, Lane.REALTIME),
+            (t.images_realtime,),
             (t.aspects, t.dead_letters),
             "enrich worker (confluent-kafka) -> vLLM",
-            "Images in, schema-valid AspectEvents out; image cache in Redis.",
+            "New listings in, schema-valid AspectEvents out; image cache in Redis. Served first.",
+        ),
+        ConsumerGroup(
+            enrich_group_id(settings.worker.group_id, Lane.BACKFILL),
+            (t.images_backfill,),
+            (t.aspects, t.dead_letters),
+            "enrich worker (confluent-kafka) -> vLLM",
+            "Catalogue backfill, same workers: a group of its own so pausing one lane never touches the other.",
         ),
         ConsumerGroup(
             JUDGE_GROUP,
             (t.aspects,),
             (t.judge_outcomes, t.preferences, t.dead_letters),
-            "judge agent (faust-streaming) -> judge MLLM",
-            "Scores generated listings; low verdicts become preference pairs.",
+            "judge agent (faust-streaming) -> reference judge (training/judge.py)",
+            "Scores generated listings against the seller's MACE-refined listing; low verdicts become preference pairs.",
         ),
         ConsumerGroup(
             PREFERENCE_GROUP,

@@ -50,7 +50,6 @@ import signal
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,7 +144,6 @@ class EnrichWorker:
         aspect_codec: EventCodec[AspectEvent],
         dl_codec: EventCodec[DeadLetter],
         metrics: WorkerMetrics | None = None,
-        sleep: Callable[[float], Any] = asyncio.sleep,
     ) -> None:
         self.s = settings
         self.w = settings.worker
@@ -161,7 +159,6 @@ class EnrichWorker:
         self.aspect_codec = aspect_codec
         self.dl_codec = dl_codec
         self.metrics = metrics or WorkerMetrics()
-        self._sleep = sleep
         self.tracker = OffsetTracker()
         self.jobs: dict[tuple[str, int, int], _Job] = {}
         self.assigned: set[tuple[str, int]] = set()
@@ -291,7 +288,7 @@ class EnrichWorker:
                     last_activity = time.monotonic()
                 if self.jobs:
                     last_activity = time.monotonic()
-                    await self._sleep(0.002)
+                    await asyncio.sleep(0.002)
                 else:
                     if self._joined != set(self.consumers) or time.monotonic() - self._last_rebalance < self._settle_s:
                         # idle time counts only once both lanes are assigned and a session timeout has passed since the
@@ -299,7 +296,7 @@ class EnrichWorker:
                         last_activity = time.monotonic()
                     elif idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
                         break
-                    await self._sleep(0)  # always yield: signal handlers and tasks run on this loop
+                    await asyncio.sleep(0)  # always yield: signal handlers and tasks run on this loop
         finally:
             await self._shutdown(grace_s)
 
@@ -328,7 +325,7 @@ class EnrichWorker:
         for lane, consumer in self.consumers.items():
             while lane not in self._joined and time.monotonic() < deadline:
                 consumer.poll(0.1)
-                await self._sleep(0)
+                await asyncio.sleep(0)
         tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
@@ -549,7 +546,7 @@ class EnrichWorker:
                         continue
                 if e.retriable and job.attempts < self.w.max_attempts:
                     self.metrics.retries.labels(str(e.reason)).inc()
-                    await self._sleep(self._retry.delay(job.attempts))
+                    await asyncio.sleep(self._retry.delay(job.attempts))
                     continue
                 self._dead_letter(job, e)
                 return
@@ -786,13 +783,14 @@ def _judge_context(event: ListingImageEvent) -> dict[str, Any]:
 
 def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -> EnrichWorker:
     """An EnrichWorker with real clients from settings (Kafka, Redis, vLLM endpoints)."""
-    from schemas.serde import framing_for
+    from schemas.serde import CodecSet
+    from topology.declared import enrich_group_id
     from workers.kafka_clients import make_consumer, make_producer
 
     if not settings.vllm.endpoints:
         raise ValueError("no vLLM endpoint: set OPAL_VLLM_ENDPOINTS (see `opal serve`)")
     w = settings.worker
-    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
+    codecs = CodecSet.of(settings.kafka)
     client = ListingClient(
         settings.vllm.endpoints,
         model=settings.vllm.model,
@@ -820,17 +818,17 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
         settings,
         # one consumer (and group) per lane: pausing or draining one lane never touches the other's fetch queue
         consumers={
-            Lane.REALTIME: make_consumer(settings.kafka, f"{w.group_id}.realtime"),
-            Lane.BACKFILL: make_consumer(settings.kafka, f"{w.group_id}.backfill"),
+            lane: make_consumer(settings.kafka, enrich_group_id(w.group_id, lane))
+            for lane in (Lane.REALTIME, Lane.BACKFILL)
         },
         producer=make_producer(settings.kafka),
         client=client,
         loader=loader,
         cache=cache,
         categories=SchemaWatcher(settings.schemas.paths, settings.schemas.reload_s),
-        codec=EventCodec(ListingImageEvent, framing=framing),
-        aspect_codec=EventCodec(AspectEvent, framing=framing),
-        dl_codec=EventCodec(DeadLetter, framing=framing),
+        codec=codecs[ListingImageEvent],
+        aspect_codec=codecs[AspectEvent],
+        dl_codec=codecs[DeadLetter],
         metrics=metrics,
     )
 

@@ -38,7 +38,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import AspectEvent, DeadLetter
 from schemas.retry import Backoff
-from schemas.serde import EventCodec
+from schemas.serde import CodecSet, EventCodec
 from schemas.settings import OpalSettings
 from topology.declared import INDEXER_GROUP
 from workers.circuit import CircuitBreaker, redis_outage
@@ -303,17 +303,16 @@ def build_indexer(
 ) -> SearchIndexer:
     """A SearchIndexer with real clients from settings (Kafka, Redis)."""
     from schemas.schema_source import configured_categories
-    from schemas.serde import framing_for
     from workers.kafka_clients import make_consumer, make_producer
 
-    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
+    codecs = CodecSet.of(settings.kafka)
     categories = configured_categories(settings.schemas.paths)
     return SearchIndexer(
         consumer=make_consumer(settings.kafka, group_id),
         producer=make_producer(settings.kafka),
         index=SearchIndex.from_url(settings.redis.url_value(), settings.redis.key_prefix, categories),
-        codec=EventCodec(AspectEvent, framing=framing),
-        dl_codec=EventCodec(DeadLetter, framing=framing),
+        codec=codecs[AspectEvent],
+        dl_codec=codecs[DeadLetter],
         topic=settings.topics.aspects,
         dead_letter_topic=settings.topics.dead_letters,
         batch_size=batch_size,

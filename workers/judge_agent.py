@@ -33,7 +33,7 @@ import faust
 
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
-from schemas.serde import EventCodec, framing_for
+from schemas.serde import CodecSet
 from schemas.settings import OpalSettings
 from topology.declared import JUDGE_GROUP
 from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_acked, send_dead_letter, through_outage
@@ -62,9 +62,8 @@ async def _call(judge: JudgeFn, event: AspectEvent) -> tuple[JudgeOutcome, Prefe
 
 def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str] | None = None) -> faust.App:
     """The faust app with one agent (see the module contract); ``counts`` collects what happened to each event."""
-    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
-    codec, out_codec = EventCodec(AspectEvent, framing=framing), EventCodec(JudgeOutcome, framing=framing)
-    pair_codec, dl_codec = EventCodec(PreferencePair, framing=framing), EventCodec(DeadLetter, framing=framing)
+    codecs = CodecSet.of(settings.kafka)
+    codec, out_codec, pair_codec, dl_codec = codecs[AspectEvent], codecs[JudgeOutcome], codecs[PreferencePair], codecs[DeadLetter]
     counts = counts if counts is not None else Counter()
     t, j = settings.topics, settings.judge
     app = make_faust_app(settings, JUDGE_GROUP)

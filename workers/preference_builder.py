@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from schemas.errors import ErrorKind, OpalError
 from schemas.events import DeadLetter, PreferencePair
-from schemas.serde import EventCodec, framing_for
+from schemas.serde import CodecSet
 from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
 from workers.circuit import redis_outage
@@ -54,8 +54,8 @@ def append_line(path: Path, line: str) -> None:
 
 def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[str] | None = None) -> faust.App:
     """The faust app with one agent (see the module contract)."""
-    framing = framing_for(settings.kafka.schema_registry_url, settings.kafka.schema_registry_auth)
-    codec, dl_codec = EventCodec(PreferencePair, framing=framing), EventCodec(DeadLetter, framing=framing)
+    codecs = CodecSet.of(settings.kafka)
+    codec, dl_codec = codecs[PreferencePair], codecs[DeadLetter]
     counts = counts if counts is not None else Counter()
     t = settings.topics
     seen_key = f"{settings.redis.key_prefix}pairs:seen"
