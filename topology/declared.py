@@ -19,6 +19,8 @@ JUDGE_GROUP = "opal-judge"
 def enrich_group_id(group_id: str, lane: Lane) -> str:
     """The consumer group of one lane of the enrichment worker: ``<OPAL_WORKER_GROUP_ID>.<lane>``."""
     return f"{group_id}.{lane.value.lower()}"
+
+
 PREFERENCE_GROUP = "opal-preference-builder"
 
 
