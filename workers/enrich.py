@@ -817,10 +817,7 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
     return EnrichWorker(
         settings,
         # one consumer (and group) per lane: pausing or draining one lane never touches the other's fetch queue
-        consumers={
-            lane: make_consumer(settings.kafka, enrich_group_id(w.group_id, lane))
-            for lane in (Lane.REALTIME, Lane.BACKFILL)
-        },
+        consumers={lane: make_consumer(settings.kafka, enrich_group_id(w.group_id, lane)) for lane in (Lane.REALTIME, Lane.BACKFILL)},
         producer=make_producer(settings.kafka),
         client=client,
         loader=loader,
