@@ -197,11 +197,10 @@ class Ablation:
     def _pairs(self) -> None:
         from inference.client import ListingClient
         from training.preferences import build_pairs, write_pairs
-        from training.sft import SftRunConfig, training_items
+        from training.sft import train_split_items
 
         cats = default_categories()
-        cfg = SftRunConfig(base_model=self.model_dir("sft-lacu"), data=self.c.data, output_dir=self.c.out, limit=self.c.pairs_items)
-        items = training_items(cfg, cats)
+        items = train_split_items(self.c.data, cats, limit=self.c.pairs_items)
         proc, url = self._serve("sft-lacu")
         try:
 

@@ -22,7 +22,7 @@ from opal.embedded import EmbeddedStack
 from opal.samples import SAMPLE_DIR, load_samples, sample_event
 from opal.vllm_server import start_vllm
 from schemas.events import AspectEvent, DeadLetter, ImageRef, ListingImageEvent
-from schemas.serde import EventCodec, framing_for
+from schemas.serde import CodecSet, EventCodec
 from schemas.settings import OpalSettings
 from training.abo import title_split
 
@@ -124,8 +124,8 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
                 f"[bold]3.[/] topology: {sum(r.status == 'created' for r in results)} topics created, "
                 f"{sum(r.status == 'ok' for r in results)} verified"
             )
-            framing = framing_for(s.kafka.schema_registry_url, s.kafka.schema_registry_auth)
-            codec = EventCodec(ListingImageEvent, framing=framing)
+            codecs = CodecSet.of(s.kafka)
+            codec = codecs[ListingImageEvent]
             records = demo_records(codec, samples)
             producer = make_producer(s.kafka)
             for key, value in records:
@@ -141,8 +141,8 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
             with console.status("enrichment worker running ..."):
                 asyncio.run(run_worker(s, asyncio.Event(), idle_exit_s=3.0))
             console.print(f"[bold]5.[/] worker done in {time.monotonic() - t_w:.0f} s")
-            events = read_topic(s, s.topics.aspects, EventCodec(AspectEvent, framing=framing).decode, n - BAD_RECORDS)
-            dead = read_topic(s, s.topics.dead_letters, EventCodec(DeadLetter, framing=framing).decode, BAD_RECORDS, timeout_s=10)
+            events = read_topic(s, s.topics.aspects, codecs[AspectEvent].decode, n - BAD_RECORDS)
+            dead = read_topic(s, s.topics.dead_letters, codecs[DeadLetter].decode, BAD_RECORDS, timeout_s=10)
         finally:
             vllm.stop()
         indexed, example = index_and_search(s, events)

@@ -7,8 +7,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from schemas.events import ImageRef, Lane, ListingImageEvent
+from schemas.serde import CodecSet
+from schemas.settings import OpalSettings
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 
@@ -41,3 +44,38 @@ def sample_event(s: SampleListing, lane: Lane = Lane.REALTIME) -> ListingImageEv
         seller_aspects={"Color": s.color} if s.color else {},
         lane=lane,
     )
+
+
+def publish_samples(s: OpalSettings, lane: Lane, bad: bool, samples: Path = SAMPLE_DIR) -> int:
+    """Publish the listings of ``samples`` to the ``lane``'s image topic; returns how many records were sent.
+
+    With ``bad``, two deliberately bad records follow: bytes that are not Avro and an image outside the
+    allowed root. Raises RuntimeError when a record is not delivered within 30 s.
+    """
+    from workers.kafka_clients import make_producer
+
+    codec = CodecSet.of(s.kafka)[ListingImageEvent]
+    topic = s.topics.images_realtime if lane is Lane.REALTIME else s.topics.images_backfill
+    producer = make_producer(s.kafka)
+    errors: list[str] = []
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    records: list[tuple[bytes, bytes]] = []
+    for item in load_samples(samples):
+        ev = sample_event(item, lane)
+        records.append((ev.listing_id.encode(), codec.encode(ev)))
+    if bad:
+        good = sample_event(load_samples(samples)[0], lane)
+        records.append((b"bad-corrupt-bytes", b"this is not an avro record"))
+        odd = good.model_copy(update={"listing_id": "bad-image-outside-root", "images": [ImageRef(uri="file:///etc/passwd")]})
+        records.append((odd.listing_id.encode(), codec.encode(odd)))
+    for key, value in records:
+        producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+        producer.poll(0)
+    remaining = producer.flush(30)
+    if remaining or errors:
+        raise RuntimeError(f"{remaining} records undelivered, errors: {errors[:3]}")
+    return len(records)

@@ -9,6 +9,10 @@ Contract of :func:`run_mace` / :func:`run_lacu`
   reason in the returned :class:`PassSummary`, nothing is written for it, and a
   rerun tries it again.
 - A progress bar shows done/failed/skipped while it runs.
+
+Without an endpoint, :func:`run_mace_rules` / :func:`run_lacu_rules` run the deterministic
+passes instead (MACE's rules; conversations built from the listing and its Q&A): they
+rewrite ``out`` from the start, in input order, and save the summary beside it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from inference.prompt import lacu_messages, lacu_schema, mace_messages
 from schemas.category import CategoryRegistry
 from schemas.errors import OpalError
 from training.abo import ListingRecord
-from training.lacu import MIN_ROUNDS, Turn, contradictions, to_sft_messages
-from training.mace import refine
+from training.lacu import MIN_ROUNDS, Turn, contradictions, conversation_from_listing, to_sft_messages
+from training.mace import RefinedListing, refine
 
 
 @dataclass
@@ -147,12 +151,7 @@ async def run_mace(
             "category": r.category,
             "image": str(r.image),
             "original": {"title": r.title, "aspects": r.aspects},
-            "deterministic": {
-                "title": det.title,
-                "aspects": det.aspects,
-                "removed": [asdict(x) for x in det.removed],
-                "dropped_aspects": [asdict(x) for x in det.dropped_aspects],
-            },
+            "deterministic": {"title": det.title, "aspects": det.aspects, **_removals(det)},
             "refined": {"title": listing.title, "aspects": listing.aspects},
             "qa": r.qa,
             "mllm_dropped": check.unknown_keys + check.invalid_values,
@@ -160,6 +159,36 @@ async def run_mace(
         }
 
     return await _run("mace", list(records), out, work, concurrency, summary, progress)
+
+
+def _removals(det: RefinedListing) -> dict[str, list[dict[str, Any]]]:
+    """What MACE's rules removed from a listing (the provenance every MACE line carries)."""
+    return {"removed": [asdict(x) for x in det.removed], "dropped_aspects": [asdict(x) for x in det.dropped_aspects]}
+
+
+def run_mace_rules(records: Iterable[ListingRecord], out: Path, categories: CategoryRegistry) -> PassSummary:
+    """MACE's deterministic pass alone (no endpoint): one line per record, ``out`` rewritten, summary saved beside it."""
+    items = list(records)
+    summary = PassSummary("mace (deterministic)", total=len(items))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for r in items:
+            d = refine(r.item_id, r.title, r.aspects, categories.resolve(r.category))
+            for rem in d.removed:
+                summary.removed_by_reason[rem.reason] += 1
+            record = {
+                "item_id": r.item_id,
+                "category": r.category,
+                "image": str(r.image),
+                "original": {"title": r.title, "aspects": r.aspects},
+                "deterministic": _removals(d),
+                "refined": {"title": d.title, "aspects": d.aspects},
+                "qa": r.qa,
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            summary.done += 1
+    summary.save(out)
+    return summary
 
 
 async def lacu_conversation(
@@ -208,3 +237,31 @@ async def run_lacu(
         }
 
     return await _run("lacu", records, out, work, concurrency, summary, progress)
+
+
+def run_lacu_rules(refined: Iterable[dict[str, Any]], out: Path, categories: CategoryRegistry) -> PassSummary:
+    """Conversations built from each MACE line's refined listing and Q&A (no endpoint); ``out`` rewritten, summary saved.
+
+    A conversation that contradicts its listing is counted as a ``contradiction`` failure and not written.
+    """
+    rows = list(refined)
+    summary = PassSummary("lacu (from the listing)", total=len(rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for row in rows:
+            cat = categories.resolve(row["category"])
+            qa = [(q, a) for q, a in row.get("qa", [])]
+            turns = conversation_from_listing(row["refined"]["title"], row["refined"]["aspects"], cat, qa)
+            if contradictions(turns, row["refined"]["aspects"], cat):
+                summary.failures["contradiction"] += 1
+                continue
+            record = {
+                "item_id": row["item_id"],
+                "image": row.get("image"),
+                "turns": [asdict(t) for t in turns],
+                "messages": to_sft_messages(turns),
+            }
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            summary.done += 1
+    summary.save(out)
+    return summary

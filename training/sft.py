@@ -114,29 +114,43 @@ def logged(log: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
 def training_items(
     config: SftRunConfig, categories: CategoryRegistry, reporter: Reporter | None = None
 ) -> list[tuple[ListingRecord, str, dict[str, str]]]:
-    """(record, title, aspects) for each train item: MACE-refined (rules, or the MLLM pass's JSONL).
+    """(record, title, aspects) for each train item of ``config``: :func:`train_split_items` with its data settings."""
+    return train_split_items(config.data, categories, mace=config.mace, refined=config.refine, limit=config.limit, reporter=reporter)
 
+
+def train_split_items(
+    data: Path,
+    categories: CategoryRegistry,
+    *,
+    mace: Path | None = None,
+    refined: bool = True,
+    limit: int | None = None,
+    reporter: Reporter | None = None,
+) -> list[tuple[ListingRecord, str, dict[str, str]]]:
+    """(record, title, aspects) for each train item of ``data``: MACE-refined (rules, or the MLLM pass's JSONL).
+
+    ``refined=False`` keeps the raw catalogue title and aspects; ``limit`` keeps the first items by item id.
     With a ``reporter``, reading and refining are reported as they go.
     """
     if reporter:
-        reporter.note(f"reading listings from {config.data} ...")
-    records = sorted((r for r in load_abo(config.data, categories) if split_of(r) == "train"), key=lambda r: r.item_id)
+        reporter.note(f"reading listings from {data} ...")
+    records = sorted((r for r in load_abo(data, categories) if split_of(r) == "train"), key=lambda r: r.item_id)
     if reporter:
         reporter.note(f"{len(records):,} train-split items with a category schema")
     mllm: dict[str, dict[str, Any]] = {}
-    if config.mace is not None:
-        for line in config.mace.read_text().splitlines():
+    if mace is not None:
+        for line in mace.read_text().splitlines():
             try:  # `opal data mace` appends: a crash can leave a torn last line, which it skips too
                 row = json.loads(line)
                 mllm[str(row["item_id"])] = {"title": str(row["refined"]["title"]), "aspects": dict(row["refined"]["aspects"])}
             except (ValueError, KeyError, TypeError):
                 continue
         if not any(r.item_id in mllm for r in records):
-            raise ValueError(f"{config.mace} refines none of the train items of {config.data} (built from another folder?)")
+            raise ValueError(f"{mace} refines none of the train items of {data} (built from another folder?)")
     out = []
-    source = "raw catalogue listings (no MACE)" if not config.refine else "MACE (rules + MLLM JSONL)" if config.mace else "MACE (rules)"
+    source = "raw catalogue listings (no MACE)" if not refined else "MACE (rules + MLLM JSONL)" if mace else "MACE (rules)"
     for r in reporter.track(records, len(records), f"refining with {source}") if reporter else records:
-        if not config.refine:
+        if not refined:
             title, aspects = r.title, dict(r.aspects)
         elif r.item_id in mllm:
             title, aspects = mllm[r.item_id]["title"], dict(mllm[r.item_id]["aspects"])
@@ -145,7 +159,7 @@ def training_items(
             title, aspects = det.title, det.aspects
         if title:
             out.append((r, title, aspects))
-    return out[: config.limit] if config.limit is not None else out
+    return out[:limit] if limit is not None else out
 
 
 def checkpoints(folder: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""`opal schemas ...`: list, export, import and induce category schemas (wired into ``opal.cli``).
+"""`opal schemas ...`: list, export, import and induce category schemas (registered by ``opal.cli``).
 
 Every command reads the schema locations from ``OPAL_SCHEMAS_PATHS`` (default: the packaged
 set, :mod:`schemas.schema_source`). Nothing here writes into a schema location unless
@@ -15,28 +15,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from opal.commands.common import console, current_categories, exits_on, fail
 from schemas.bulk import dump_bulk, read_bulk, to_bulk
-from schemas.category import CategoryRegistry
 from schemas.errors import UnknownCategoryError
 from schemas.schema_diff import SchemaDiff, bump_versions, diff_schemas
-from schemas.schema_source import configured_categories, load_location
+from schemas.schema_source import load_location
 from schemas.settings import OpalSettings
 
-schemas_app = typer.Typer(help="Category schemas: list, export, import, induce from a catalogue.", no_args_is_help=True)
-console = Console()
+app = typer.Typer(help="Category schemas: list, export, import, induce from a catalogue.", no_args_is_help=True)
 
 
-def current_categories() -> CategoryRegistry:
-    """The registry of the configured schema locations (``OPAL_SCHEMAS_PATHS``)."""
-    return configured_categories(OpalSettings().schemas.paths)
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]{message}[/]")
-    return typer.Exit(2)
-
-
-@schemas_app.command("categories")
+@app.command("categories")
 def schemas_categories() -> None:
     """List the category aspect schemas of the configured locations."""
     reg = current_categories()
@@ -56,7 +45,7 @@ def schemas_categories() -> None:
     console.print(f"from {', '.join(map(str, OpalSettings().schemas.paths))}; any other category gets the generic schema")
 
 
-@schemas_app.command("json-schema")
+@app.command("json-schema")
 def schemas_json_schema(
     category: str, all_aspects: Annotated[bool, typer.Option("--all", help="Include non-visual aspects.")] = False
 ) -> None:
@@ -68,7 +57,7 @@ def schemas_json_schema(
     print(json.dumps(reg.resolve(category).json_schema(all_aspects), indent=2))
 
 
-@schemas_app.command("export")
+@app.command("export")
 def schemas_export(
     out: Annotated[Path, typer.Option(help="Bulk file to write (opal.category-schemas/1, docs/SCHEMAS.md).")],
     tree_version: Annotated[str, typer.Option(help="Version label written into the file.")] = "",
@@ -92,7 +81,7 @@ def print_diff(d: SchemaDiff, title: str) -> None:
     console.print(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, {d.unchanged} unchanged")
 
 
-@schemas_app.command("import")
+@app.command("import")
 def schemas_import(
     file: Annotated[Path, typer.Argument(help="A bulk file (opal.category-schemas/1) or a folder of per-category files.")],
     write: Annotated[Path | None, typer.Option(help="Write the accepted set as a bulk file here (a file in OPAL_SCHEMAS_PATHS).")] = None,
@@ -107,7 +96,7 @@ def schemas_import(
     try:
         incoming = load_location(file)
     except (ValueError, OSError) as e:
-        raise _fail(f"not imported: {e}") from None
+        raise fail(f"not imported: {e}") from None
     current = current_categories().schemas
     proposed = {**current, **incoming} if merge else incoming
     accepted = bump_versions(current, proposed)
@@ -135,7 +124,7 @@ def schemas_import(
     console.print(f"wrote {len(accepted)} category schemas to {write}")
 
 
-@schemas_app.command("induce")
+@app.command("induce")
 def schemas_induce(
     data: Annotated[Path, typer.Option(help="Catalogue folder with listings.jsonl (product_type, title, color, qa; the ABO layout).")],
     out: Annotated[Path, typer.Option(help="Bulk file to write; the review table goes beside it (.review.md).")] = Path(
@@ -149,10 +138,8 @@ def schemas_induce(
     """
     from training.induce import bulk_document, induce, read_catalogue, review_markdown
 
-    try:
+    with exits_on(ValueError, OSError):
         rows = read_catalogue(data)
-    except (ValueError, OSError) as e:
-        raise _fail(str(e)) from None
     console.print(f"read {len(rows)} listings from {data}")
     induced = induce(rows)
     source = f"opal schemas induce on {data.resolve().name}/ ({len(rows)} listings)"
