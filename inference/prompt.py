@@ -3,7 +3,7 @@
 Serving (:func:`serving_messages`) and training (:func:`sft_prompt`) build the same
 conversation; the only difference is how the image is attached (an OpenAI
 ``image_url`` part vs. a TRL ``{"type": "image"}`` part), which the chat template
-renders to the same placeholder. ``tests/test_prompt.py`` proves the rendered texts
+renders to the same placeholder. ``tests/inference/test_client_vllm.py`` (served vs TRL token ids) proves the texts
 are identical, so train and serve prompts cannot drift.
 """
 

@@ -1,7 +1,7 @@
 """Pydantic models mirroring the Avro event schemas in ``schemas/avro/<name>/``.
 
 Each model names its Avro record in ``AVRO_NAME`` and its schema folder in
-``AVRO_DIR``; ``tests/test_events.py`` checks that field names and optionality stay
+``AVRO_DIR``; ``tests/schemas/test_events.py`` checks that field names and optionality stay
 identical to the newest ``.avsc``. Models are frozen: events are facts.
 
 Timestamps are timezone-aware UTC ``datetime`` (Avro ``timestamp-millis``).

@@ -8,7 +8,7 @@ Framing
 - :class:`ConfluentFraming` (when ``OPAL_KAFKA_SCHEMA_REGISTRY_URL`` is set): ``00`` +
   4-byte big-endian registry id + body, the format Confluent tooling reads.
 
-Evolution rules (enforced by ``tests/test_serde.py`` over every pair of versions)
+Evolution rules (enforced by ``tests/schemas/test_serde.py`` over every pair of versions)
 1. A new version goes in a new ``v<N+1>.avsc``; released files are never edited.
 2. Only *add* fields, each with a default (e.g. ``["null", T]`` with ``null``);
    never remove or rename a field, change a type or reorder enum symbols.

@@ -402,6 +402,17 @@ class SchemaSettings(BaseModel):
     reload_s: float = Field(5.0, ge=0, description="How often workers look for changed schema files (0: only on SIGHUP).")
 
 
+class ModelSettings(BaseModel):
+    """The model registry (``training/registry.py``): versioned model folders and a current pointer per deployment."""
+
+    model_config = _FROZEN
+
+    registry: Path = Field(Path(".opal/registry"), description="Registry root: models/<version>/ and deployments/<name>.json.")
+    deployment: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.-]+$", description="Deployment whose current version `opal serve` serves without --model."
+    )
+
+
 class EmbeddedSettings(BaseModel):
     """The local stack started when no external endpoint is configured."""
 
@@ -434,6 +445,7 @@ class OpalSettings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     judge: JudgeSettings = Field(default_factory=JudgeSettings)
     schemas: SchemaSettings = Field(default_factory=SchemaSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
 
     @field_validator("vllm")

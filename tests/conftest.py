@@ -1,32 +1,34 @@
-"""Shared fixtures. Integration tests run against a real tansu broker and a real
-valkey-server started by opal.embedded (or the cluster named by OPAL_KAFKA_BOOTSTRAP /
-OPAL_REDIS_URL when those are set)."""
+"""Shared fixtures (helpers: ``tests/support.py``). Integration tests run against a real tansu broker and a real
+valkey-server started by opal.embedded (or the cluster named by OPAL_KAFKA_BOOTSTRAP / OPAL_REDIS_URL when those
+are set).
+
+The ``vllm`` marker: a test that starts a real vLLM server carries it where it is written, as a module-level
+``pytestmark = pytest.mark.vllm`` when every test of the module needs the server, else as ``@pytest.mark.vllm`` on
+the test. ``pytest_collection_modifyitems`` below refuses a test that gets the session's server (the
+``vllm_server`` fixture, also through ``vllm_url`` or ``wsettings``) without the marker, so ``-m "not vllm"``
+never starts one."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from opal.embedded import EmbeddedStack, ManagedProcess
-from opal.samples import SampleListing, load_samples, sample_event
-from schemas.events import Lane, ListingImageEvent
-from schemas.serde import EventCodec
 from schemas.settings import EmbeddedSettings, OpalSettings, TopicSettings
+from tests.support import REPO, opal_bin
 
-REPO = Path(__file__).resolve().parents[1]
-STREAM_BIN = Path(sys.executable).parent
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [i.nodeid for i in items if "vllm_server" in getattr(i, "fixturenames", ()) and i.get_closest_marker("vllm") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests using the vLLM server need the vllm marker: {unmarked}")
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +55,6 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path / "run")
     env["COLUMNS"] = "200"
     return env
-
-
-def opal_bin() -> str:
-    return str(STREAM_BIN / "opal")
 
 
 @pytest.fixture(scope="session")
@@ -88,48 +86,6 @@ def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture(scope="session")
 def vllm_url(vllm_server: tuple[ManagedProcess, str]) -> str:
     return vllm_server[1]
-
-
-def publish(s: OpalSettings, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
-    """Produce (key, value) records (value None: a tombstone) and wait until all are acknowledged."""
-    from workers.kafka_clients import make_producer
-
-    p = make_producer(s.kafka)
-    for k, v in records:
-        p.produce(topic, key=k, value=v)
-    assert p.flush(30) == 0
-
-
-def read_topic(
-    s: OpalSettings, topic: str, codec: EventCodec[Any], n: int, timeout_s: float = 30, settle_s: float = 0.0
-) -> list[tuple[Any, Any]]:
-    """Read from the beginning until ``n`` records arrived (or ``timeout_s``), then until ``settle_s`` pass with no new one."""
-    from workers.kafka_clients import make_consumer
-
-    c = make_consumer(s.kafka, f"reader-{uuid.uuid4().hex[:6]}")
-    c.subscribe([topic])
-    out: list[tuple[Any, Any]] = []
-    deadline = time.monotonic() + timeout_s
-    last = time.monotonic()
-    while time.monotonic() < deadline:
-        m = c.poll(0.3)
-        if m is not None and not m.error():
-            out.append((m.key(), codec.decode(m.value())))
-            last = time.monotonic()
-        elif len(out) >= n and time.monotonic() - last >= settle_s:
-            break
-    c.close()
-    return out
-
-
-def settings_env(s: OpalSettings, base: dict[str, str]) -> dict[str, str]:
-    """``base`` plus the OPAL_* variables that point a CLI subprocess at these settings' broker, Redis and topics."""
-    env = {**base, "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or ""}
-    if s.redis.url is not None:
-        env |= {"OPAL_REDIS_URL": s.redis.url_value(), "OPAL_REDIS_KEY_PREFIX": s.redis.key_prefix}
-    for name, value in s.topics.model_dump().items():
-        env[f"OPAL_TOPICS_{name.upper()}"] = str(value)
-    return env
 
 
 @pytest.fixture
@@ -170,48 +126,3 @@ def wsettings(settings: OpalSettings, vllm_url: str, images: Path) -> OpalSettin
 
     apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
     return s
-
-
-def worker_events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l") -> list[ListingImageEvent]:
-    """ListingImageEvents for the first ``n`` sample photos, pointing into the ``images`` root."""
-    out = []
-    for i, s in enumerate(load_samples()[:n]):
-        local = SampleListing(s.item_id, images / s.image.name, s.title, s.product_type, s.color)
-        out.append(sample_event(local, lane).model_copy(update={"listing_id": f"{prefix}-{i}-{s.item_id}"}))
-    return out
-
-
-def served_prompt_ids(url: str, sample: Any) -> list[int]:
-    """Token ids of the serving request for ``sample`` as the vLLM server at ``url`` renders them (/tokenize)."""
-    import base64
-
-    import httpx
-
-    from inference.prompt import serving_messages
-    from schemas.category import default_categories
-
-    cat = default_categories().get(sample.product_type)
-    image = "data:image/jpeg;base64," + base64.b64encode(sample.image.read_bytes()).decode()
-    model = httpx.get(f"{url}/models", timeout=30).json()["data"][0]["id"]
-    body = {"model": model, "messages": serving_messages(cat, [image]), "add_generation_prompt": True}
-    r = httpx.post(url.removesuffix("/v1") + "/tokenize", timeout=60, json=body)
-    assert r.status_code == 200, r.text
-    return [int(t) for t in r.json()["tokens"]]
-
-
-def trl_prompt_ids(model: Path, sample: Any) -> list[int]:
-    """Token ids of the SFT row's prompt for ``sample`` as TRL's collator renders it with ``model``'s processor."""
-    probe = (
-        "import json\n"
-        "from PIL import Image\n"
-        "from transformers import AutoProcessor\n"
-        "from schemas.category import default_categories\n"
-        "from training.sft_format import sft_row, trl_prompt_ids\n"
-        f"cat = default_categories().get({sample.product_type!r})\n"
-        f"img = Image.open({str(sample.image)!r}).convert('RGB')\n"
-        f"proc = AutoProcessor.from_pretrained({str(model)!r})\n"
-        "print(json.dumps(trl_prompt_ids(sft_row('t', {'Color': 'white'}, cat, img), proc)))\n"
-    )
-    out = subprocess.run([str(REPO / ".venv-model" / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return [int(t) for t in json.loads(out.stdout.strip().splitlines()[-1])]

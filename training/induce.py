@@ -184,9 +184,9 @@ def product_nouns(category: str, questions: Iterable[str], min_share: float = 0.
         for phrase in found:
             words = _phrase(phrase)
             if words:
-                seen.add(min(_forms(words[-1]), key=len))
+                seen.add(min(_forms(words[-1]), key=lambda f: (len(f), f)))
                 if len(words) > 1 and words[0].endswith("'s"):
-                    seen.add(min(_forms(words[0]), key=len))
+                    seen.add(min(_forms(words[0]), key=lambda f: (len(f), f)))
         heads.update(seen)
     nouns = {f for w in category.split("_") if len(w) > 2 for f in _forms(w)}
     nouns |= {f for w, c in heads.items() if n and c / n >= min_share for f in _forms(w)}

@@ -24,9 +24,8 @@ Contract
   naming a known recipe wins; ``from_scratch: "true"`` or a ``tiny-`` version (cards written
   before the field existed) selects ``tiny-cpu``; a folder without a card (a downloaded
   backbone) or with a card naming neither gets ``paper-zero3``. An explicit name overrides all.
-- :func:`apply_overrides` returns the recipe with explicitly given values replaced (``None``
-  means "not given"); unknown field names raise ``ValueError``. The result keeps the
-  recipe's name; which fields were overridden is returned separately for the table.
+- The command line's explicit values win over the recipe's (:func:`training.trl_configs.with_recipe`);
+  :func:`recipe_rows` renders the effective values with their source for the table and the card.
 - No torch: the stream environment imports this module too.
 """
 
@@ -34,11 +33,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from inference.prompt import PROMPT_STYLES
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = REPO / "training" / "configs" / "zero3.json"
@@ -151,7 +148,6 @@ PAPER_ZERO3 = SftRecipe(
 )
 
 RECIPES: dict[str, SftRecipe] = {r.name: r for r in (TINY_CPU, PAPER_ZERO3)}
-OVERRIDABLE = frozenset(f.name for f in fields(SftRecipe)) - {"name", "summary"}
 
 
 def read_card(base: Path) -> dict[str, Any] | None:
@@ -181,17 +177,6 @@ def choose_recipe(base: Path, name: str | None = None) -> tuple[SftRecipe, str]:
     if str(card.get("from_scratch", "")).lower() == "true" or str(card.get("version", "")).startswith("tiny-"):
         return TINY_CPU, f"the base's {CARD} marks a from-scratch tiny model"
     return PAPER_ZERO3, f"the base's {CARD} marks no from-scratch model: a pretrained backbone"
-
-
-def apply_overrides(recipe: SftRecipe, overrides: dict[str, Any]) -> tuple[SftRecipe, frozenset[str]]:
-    """(recipe with the given values, names of the fields changed by them); ``None`` values are ignored."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - OVERRIDABLE
-    if unknown:
-        raise ValueError(f"not recipe fields: {', '.join(sorted(unknown))}")
-    if "prompt_style" in given and given["prompt_style"] not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {given['prompt_style']!r}; known: {', '.join(PROMPT_STYLES)}")
-    return replace(recipe, **given), frozenset(given)
 
 
 def recipe_rows(recipe: SftRecipe, overridden: frozenset[str]) -> list[tuple[str, str, str]]:

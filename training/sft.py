@@ -7,9 +7,10 @@ TRL prompt/completion rows from the one prompt module (:mod:`training.sft_format
 what the model learns is exactly what serving asks.
 
 Contract
-- Hyper-parameters come from a recipe (:mod:`training.recipes`): ``config.recipe`` when set
-  (the CLI passes the chosen recipe with its overrides applied), else the one the base
-  model's card selects (:func:`training.recipes.choose_recipe`).
+- The run's config is TRL's ``SFTConfig`` (:class:`training.trl_configs.SftRunConfig`): every
+  TrainingArguments option reaches the trainer. Values the caller did not set come from a
+  recipe (:mod:`training.recipes`) the base model's card selects, or ``--recipe``
+  (:func:`training.trl_configs.parse_sft_args` / :func:`~training.trl_configs.with_recipe`).
 - :func:`run_sft` trains, then writes a folder vLLM serves as is: weights, processor
   (with ``preprocessor_config.json``), ``opal_model.json`` (name, a version derived from
   the weights, the base model's version, steps, items, ``sft_recipe`` and ``sft_settings``:
@@ -41,6 +42,7 @@ Contract
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -49,9 +51,9 @@ import re
 import shutil
 import socket
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inference.prompt import chat_template
 from schemas.category import CategoryRegistry, default_categories
@@ -59,9 +61,12 @@ from training.abo import ListingRecord, load_abo, split_of
 from training.lacu import conversation_from_listing, visual_rounds
 from training.mace import refine
 from training.progress import Reporter, eta_callback
-from training.recipes import REPO, SftRecipe, choose_recipe, read_card
+from training.recipes import REPO, SftRecipe, read_card
 from training.sft_format import qa_rows, sft_row
 from training.vision_stage import LabelledImage, VisionStageConfig, VisionStageResult, run_vision_stage
+
+if TYPE_CHECKING:  # TRL is model-side only; the stream side imports this module for train_split_items
+    from training.trl_configs import SftRunConfig
 
 STALE = ("train_log.json", "opal_model.json", "loss.png", "dpo.png", "dpo_summary.json")  # removed before a save
 RUN_FILE = "sft_run.json"
@@ -70,25 +75,6 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RESUMABLE_CHANGES = frozenset({"logging_steps", "save_steps", "save_total_limit"})
 # Fields a base's card passes on to the models trained from it (how its line of models is trained).
 INHERITED = ("from_scratch", "recipe")
-
-
-@dataclass(frozen=True)
-class SftRunConfig:
-    """One SFT run: what to train on and where to write; how is the recipe's (every field documents itself)."""
-
-    base_model: Path = field(metadata={"help": "Model folder to start from (e.g. `opal model init-tiny` output or a Qwen2-VL)."})
-    data: Path = field(metadata={"help": "ABO-format folder (listings.jsonl + images/); its train split is used."})
-    output_dir: Path = field(metadata={"help": "Where the trained model folder (and checkpoints while training) is written."})
-    mace: Path | None = field(default=None, metadata={"help": "`opal data mace` JSONL: use its MLLM-refined listings."})
-    limit: int | None = field(default=None, metadata={"help": "Train on at most this many items (first by item id)."})
-    refine: bool = field(default=True, metadata={"help": "MACE-refine the listings; False trains on the raw catalogue titles/aspects."})
-    lacu: bool = field(
-        default=False,
-        metadata={"help": "Add LACU rows: each item's buyer/seller Q&A rounds (training/lacu.py), one row per round with the photo."},
-    )
-    recipe: SftRecipe | None = field(default=None, metadata={"help": "Effective hyper-parameters; None: the base's card chooses."})
-    overridden: frozenset[str] = field(default=frozenset(), metadata={"help": "Recipe fields set by explicit options (for the record)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the newest checkpoint in output_dir (if any)."})
 
 
 @dataclass(frozen=True)
@@ -115,7 +101,14 @@ def training_items(
     config: SftRunConfig, categories: CategoryRegistry, reporter: Reporter | None = None
 ) -> list[tuple[ListingRecord, str, dict[str, str]]]:
     """(record, title, aspects) for each train item of ``config``: :func:`train_split_items` with its data settings."""
-    return train_split_items(config.data, categories, mace=config.mace, refined=config.refine, limit=config.limit, reporter=reporter)
+    return train_split_items(
+        Path(str(config.data)),
+        categories,
+        mace=Path(config.mace) if config.mace else None,
+        refined=config.refine,
+        limit=config.limit,
+        reporter=reporter,
+    )
 
 
 def train_split_items(
@@ -181,9 +174,9 @@ def usable(checkpoint: Path) -> bool:
 def run_record(config: SftRunConfig, recipe: SftRecipe) -> dict[str, Any]:
     """What defines a run (compared on resume): inputs and every effective recipe value."""
     return {
-        "base_model": str(config.base_model.resolve()),
-        "data": str(config.data.resolve()),
-        "mace": str(config.mace.resolve()) if config.mace else None,
+        "base_model": str(Path(str(config.base_model)).resolve()),
+        "data": str(Path(str(config.data)).resolve()),
+        "mace": str(Path(config.mace).resolve()) if config.mace else None,
         "limit": config.limit,
         "refine": config.refine,
         "lacu": config.lacu,
@@ -193,7 +186,7 @@ def run_record(config: SftRunConfig, recipe: SftRecipe) -> dict[str, Any]:
 
 
 def _check_resumable(config: SftRunConfig, recipe: SftRecipe) -> None:
-    path = config.output_dir / RUN_FILE
+    path = Path(str(config.output_dir)) / RUN_FILE
     if not path.is_file():
         raise ValueError(f"{config.output_dir} has checkpoints but no {RUN_FILE}: not an `opal train sft` run, cannot resume")
     before, now = json.loads(path.read_text()), run_record(config, recipe)
@@ -218,15 +211,29 @@ def _deepspeed_env(deepspeed: Path | None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, reporter: Reporter | None = None) -> SftResult:
-    """Train and write the model folder (see the module contract); ``ValueError`` for unusable inputs or a refused resume."""
+def run_sft(
+    config: SftRunConfig,
+    categories: CategoryRegistry | None = None,
+    reporter: Reporter | None = None,
+    overridden: frozenset[str] = frozenset(),
+) -> SftResult:
+    """Train and write the model folder (see the module contract); ``ValueError`` for unusable inputs or a refused resume.
+
+    ``config`` is normally the output of :func:`training.trl_configs.parse_sft_args` (recipe applied; ``overridden``
+    names the recipe fields set by options); a config without a recipe gets the base's (:func:`with_recipe`).
+    """
+    from training.trl_configs import with_recipe
+
     rep = reporter or Reporter()
-    recipe = config.recipe or choose_recipe(config.base_model)[0]
-    if not (config.base_model / "config.json").is_file():
-        raise ValueError(f"{config.base_model} is not a model folder (no config.json)")
-    if config.output_dir.resolve() == config.base_model.resolve():
-        raise ValueError(f"refusing to overwrite the base model {config.base_model}: choose another output folder")
-    found = checkpoints(config.output_dir)
+    if config.recipe is None:
+        config, _, overridden = with_recipe(config)
+    recipe = config.effective_recipe()
+    base_model, output_dir, data = Path(str(config.base_model)), Path(str(config.output_dir)), Path(str(config.data))
+    if not (base_model / "config.json").is_file():
+        raise ValueError(f"{base_model} is not a model folder (no config.json)")
+    if output_dir.resolve() == base_model.resolve():
+        raise ValueError(f"refusing to overwrite the base model {base_model}: choose another output folder")
+    found = checkpoints(output_dir)
     resume_from: Path | None = None
     complete = [c for c in found if usable(c)]
     if config.resume and complete:
@@ -237,12 +244,12 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
             shutil.rmtree(torn, ignore_errors=True)
         rep.note(f"resuming from {resume_from}")
     elif config.resume:
-        rep.note(f"no complete checkpoint in {config.output_dir}: starting from the base model")
+        rep.note(f"no complete checkpoint in {output_dir}: starting from the base model")
         for torn in found:
             shutil.rmtree(torn, ignore_errors=True)
     elif found:
         raise ValueError(
-            f"{config.output_dir} holds checkpoints of an earlier run (newest: {found[-1].name}): "
+            f"{output_dir} holds checkpoints of an earlier run (newest: {found[-1].name}): "
             "pass --resume to continue it, or delete them / choose another --out to start afresh"
         )
 
@@ -250,12 +257,12 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"recipe {recipe.name} trains on GPUs and none is visible: add --cpu (and --no-bf16 for fp32) to run it here")
+            raise ValueError(f"recipe {recipe.name} trains on GPUs and none is visible: add --cpu (and --bf16 false: fp32) to run it here")
 
     cats = categories or default_categories()
     items = training_items(config, cats, rep)
     if not items:
-        raise ValueError(f"no train items in {config.data}")
+        raise ValueError(f"no train items in {data}")
     rows = []
     for r, title, aspects in rep.track(items, len(items), "building rows"):
         image = str(r.image)  # decoded lazily by the dataset's Image feature (see build_dataset)
@@ -270,7 +277,7 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     rep.note("loading torch, transformers and TRL ...")
     from transformers import AutoProcessor, PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars: the reporter's lines say what happens
 
@@ -278,12 +285,12 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps = recipe.planned_steps(len(rows), world)
     dataset = build_dataset(rows, rep)
-    processor = AutoProcessor.from_pretrained(config.base_model)
+    processor = AutoProcessor.from_pretrained(base_model)
     # Resuming without DeepSpeed, the weights come from the checkpoint through from_pretrained: transformers 5.19's
     # Trainer loads a checkpoint's state dict without Qwen2-VL's key mapping and silently keeps the base weights.
     own_load = resume_from is not None and recipe.deepspeed is None
-    rep.note(f"loading the model from {resume_from if own_load else config.base_model} ...")
-    model, trainable, frozen = load_model(resume_from if own_load else config.base_model, recipe.bf16, recipe.freeze_vision)
+    rep.note(f"loading the model from {resume_from if own_load else base_model} ...")
+    model, trainable, frozen = load_model(resume_from if own_load else base_model, bool(recipe.bf16), recipe.freeze_vision)
     vision = None
     if recipe.vision_stage_steps > 0 and resume_from is None:  # a checkpoint already holds the trained tower
         vision = _vision_stage(model, processor, config, recipe, items, cats, rep)
@@ -293,33 +300,11 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
         processor.tokenizer.chat_template = template
     rep.note(f"parameters trained / frozen: {trainable:,} / {frozen:,}; {len(rows):,} rows -> {steps:,} steps")
     capped = recipe.max_steps > 0 or (recipe.step_cap is not None and steps == recipe.step_cap)
-    args = SFTConfig(
-        output_dir=str(config.output_dir),
-        num_train_epochs=recipe.epochs,
-        max_steps=steps if capped else -1,
-        per_device_train_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.grad_accumulation,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=recipe.warmup,  # a float below 1 is a share of the steps (transformers 5)
-        bf16=recipe.bf16,
-        use_cpu=recipe.use_cpu,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        deepspeed=str(recipe.deepspeed) if recipe.deepspeed else None,
-        logging_steps=recipe.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        report_to="none",
-        disable_tqdm=True,
-        max_length=recipe.max_length,
-        seed=recipe.seed,
-        dataloader_num_workers=0,
-    )
-    config.output_dir.mkdir(parents=True, exist_ok=True)
-    record = {**run_record(config, recipe), "overridden": sorted(config.overridden), "rows": len(rows), "planned_steps": steps}
-    (config.output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    # the config is TRL's SFTConfig: every TrainingArguments option given on the command line reaches the trainer
+    args = dataclasses.replace(config, max_steps=steps if capped else -1, output_dir=str(output_dir), save_strategy="steps")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {**run_record(config, recipe), "overridden": sorted(overridden), "rows": len(rows), "planned_steps": steps}
+    (output_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     class Trainer(SFTTrainer):  # the only change: see own_load above
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -331,21 +316,21 @@ def run_sft(config: SftRunConfig, categories: CategoryRegistry | None = None, re
         trainer.remove_callback(cb)
     trainer.add_callback(eta_callback(rep))
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    rep.note(f"saving the model folder into {config.output_dir} ...")
-    settings = {k: {"value": v, "source": "option" if k in config.overridden else recipe.name} for k, v in recipe.values().items()}
+    rep.note(f"saving the model folder into {output_dir} ...")
+    settings = {k: {"value": v, "source": "option" if k in overridden else recipe.name} for k, v in recipe.values().items()}
     extra = {
         "items": str(len(items)),  # listings; with --lacu the rows are more (sft_run.json has them)
-        "data": str(config.data),
+        "data": str(data),
         "sft_recipe": recipe.name,
         "sft_settings": json.dumps(settings, sort_keys=True),
         "prompt_style": recipe.prompt_style,
     }
     if vision is not None:
         extra["vision_stage"] = json.dumps(asdict(vision), sort_keys=True)
-    card, log = save_model_folder(trainer, processor, config.base_model, config.output_dir, "sft", extra)
-    for ckpt in checkpoints(config.output_dir):  # the final folder supersedes them
+    card, log = save_model_folder(trainer, processor, base_model, output_dir, "sft", extra)
+    for ckpt in checkpoints(output_dir):  # the final folder supersedes them
         shutil.rmtree(ckpt, ignore_errors=True)
-    return SftResult(config.output_dir, card, log, len(items), trainable, frozen, recipe, resume_from)
+    return SftResult(output_dir, card, log, len(items), trainable, frozen, recipe, resume_from)
 
 
 def _vision_stage(
@@ -360,7 +345,9 @@ def _vision_stage(
     """Run the recipe's vision stage on the training items; held-out accuracy on the data's validation split."""
     train = [LabelledImage(r.image, {"category": r.category, **aspects}) for r, _, aspects in items]
     val = [
-        LabelledImage(r.image, {"category": r.category, **r.aspects}) for r in load_abo(config.data, cats) if split_of(r) == "validation"
+        LabelledImage(r.image, {"category": r.category, **r.aspects})
+        for r in load_abo(Path(str(config.data)), cats)
+        if split_of(r) == "validation"
     ]
     stage = VisionStageConfig(steps=recipe.vision_stage_steps, seed=recipe.seed)
     rep.note(f"vision stage: {stage.steps} steps of {stage.batch_size} images (lr {stage.learning_rate:g}) on {len(train):,} items")

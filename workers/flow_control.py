@@ -14,7 +14,7 @@ partitions, consume up to a quota):
   at half: hysteresis) or the model's breaker is open; the backfill partitions when
   backfill holds its cap; none otherwise.
 
-Properties (``tests/test_flow_control.py``, hypothesis): the window is never exceeded; while
+Properties (``tests/workers/test_flow_control.py``, hypothesis): the window is never exceeded; while
 realtime has backlog and the window has room, realtime's quota is positive and backfill
 never holds more than its cap; backfill alone may use the whole window.
 """

@@ -4,7 +4,7 @@ Contract: an offset is handed back for storing only when every offset before it 
 partition (from the first one this worker added) has finished, so the group never resumes
 past a record whose output was not acknowledged. Finishing out of order is fine; a revoked
 partition is dropped and nothing of it is stored afterwards. Tested with hypothesis over
-every completion order (``tests/test_offsets.py``).
+every completion order (``tests/workers/test_offsets.py``).
 """
 
 from __future__ import annotations

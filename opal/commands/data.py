@@ -42,7 +42,9 @@ async def _with_client(endpoint: str, concurrency: int, work: Any) -> Any:
 @app.command("mace")
 def data_mace(
     abo: Annotated[Path, typer.Option(help="ABO-layout folder (listings.jsonl + images/).")] = SAMPLE_DIR,
-    out: Annotated[Path, typer.Option(help="Output JSONL (appended; reruns skip done items).")] = Path(".opal/data/mace.jsonl"),
+    out: Annotated[
+        Path, typer.Option(help="Output JSONL: with --endpoint appended (reruns skip done items); the rules pass rewrites it.")
+    ] = Path(".opal/data/mace.jsonl"),
     endpoint: Annotated[str | None, typer.Option(help="MLLM endpoint (…/v1); unset: the deterministic pass only.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,

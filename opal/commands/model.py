@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from opal.commands.common import console, exits_on, in_model_env
+from schemas.settings import OpalSettings
 
-app = typer.Typer(help="Build OPAL model folders (runs in the model environment).", no_args_is_help=True)
+if TYPE_CHECKING:
+    from training.registry import ModelRegistry
+
+app = typer.Typer(help="Model folders: build the tiny model, write cards, register, promote and roll back versions.", no_args_is_help=True)
 
 
 @app.command("init-tiny")
@@ -42,3 +46,61 @@ def model_card(
     with exits_on(ValueError, OSError, KeyError, highlight=False):
         card = write_card(model, eval_dir, reproduce)
     console.print(f"wrote {model / 'README.md'} and test_metrics into {model / 'opal_model.json'} ({card['version']})", highlight=False)
+
+
+def _registry() -> tuple[ModelRegistry, str]:
+    from training.registry import ModelRegistry
+
+    s = OpalSettings()
+    return ModelRegistry(s.models.registry), s.models.deployment
+
+
+@app.command("register")
+def model_register(
+    model: Annotated[Path, typer.Argument(help="Model folder with opal_model.json (an `opal train` output).")],
+    note: Annotated[str, typer.Option(help="Why this version exists (kept in its manifest).")] = "",
+    promote: Annotated[bool, typer.Option(help="Also make it the deployment's current version.")] = False,
+) -> None:
+    """Copy MODEL into the registry (OPAL_MODELS_REGISTRY) under its card's version, with a manifest of file hashes."""
+    reg, deployment = _registry()
+    with exits_on(ValueError, OSError, highlight=False):
+        entry = reg.register(model, note=note)
+        moved = reg.promote(entry.version, deployment, reason=note or "registered with --promote") if promote else False
+    console.print(f"registered {entry.served_name} at {entry.path}" + (f"; now current for {deployment}" if moved else ""), highlight=False)
+
+
+@app.command("list")
+def model_list() -> None:
+    """The registered versions, the deployment's current one, and its history."""
+    reg, deployment = _registry()
+    current = reg.state(deployment).get("current")
+    t = Table("", "version", "name", "registered", "note", title=f"models in {reg.root} (deployment {deployment})")
+    for v in reg.versions():
+        e = reg.get(v)
+        t.add_row("*" if v == current else "", v, e.name, str(e.manifest.get("registered_at", "")), str(e.manifest.get("note", "")))
+    console.print(t)
+    h = Table("at", "action", "version", "reason", title=f"history of {deployment}")
+    for entry in reg.history(deployment):
+        h.add_row(entry["at"], entry["action"], entry["version"], entry.get("reason", ""))
+    console.print(h)
+
+
+@app.command("promote")
+def model_promote(
+    version: Annotated[str, typer.Argument(help="A registered version (see `opal model list`).")],
+    reason: Annotated[str, typer.Option(help="Recorded in the deployment's history.")] = "",
+) -> None:
+    """Make VERSION the deployment's current version (atomic pointer; `opal serve` without --model serves it)."""
+    reg, deployment = _registry()
+    with exits_on(ValueError, highlight=False):
+        moved = reg.promote(version, deployment, reason=reason or "promoted by hand")
+    console.print(f"{deployment}: {version} " + ("is now current" if moved else "was already current"), highlight=False)
+
+
+@app.command("rollback")
+def model_rollback(reason: Annotated[str, typer.Option(help="Recorded in the deployment's history.")] = "") -> None:
+    """Point the deployment back at the version that was current before the current one."""
+    reg, deployment = _registry()
+    with exits_on(ValueError, highlight=False):
+        version = reg.rollback(deployment, reason=reason)
+    console.print(f"{deployment}: rolled back to {version}", highlight=False)

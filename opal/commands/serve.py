@@ -16,14 +16,17 @@ from schemas.settings import OpalSettings
 
 
 def serve(
-    model: Annotated[Path, typer.Option(help="Model folder (config.json, weights, processor).")],
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder (config.json, weights, processor); default: the deployment's current version.")
+    ] = None,
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 8000,
     timeout_s: Annotated[float, typer.Option(help="Longest wait for /health.")] = 300.0,
     stop_grace_s: Annotated[float, typer.Option(help="On Ctrl-C/SIGTERM: seconds vLLM gets to exit before SIGKILL.")] = 5.0,
 ) -> None:
     """Run a real vLLM OpenAI-compatible server for MODEL until Ctrl-C or SIGTERM.
 
-    Stopping: SIGTERM to the server and every process it started, SIGKILL to survivors
+    Without --model, the registry's current version for OPAL_MODELS_DEPLOYMENT is served
+    (`opal model promote`). Stopping: SIGTERM to the server and every process it started, SIGKILL to survivors
     after --stop-grace-s, then exit once the port is free. Further signals during that
     are ignored (the stop is bounded anyway). If this process is SIGKILLed instead, the
     server and its engine processes are SIGKILLed with it.
@@ -32,10 +35,21 @@ def serve(
     from opal.vllm_server import served_name, start_vllm
 
     s = OpalSettings()
+    source = ""
+    if model is None:
+        from training.registry import ModelRegistry
+
+        entry = ModelRegistry(s.models.registry).current(s.models.deployment)
+        if entry is None:
+            raise fail(
+                f"No --model and no current version for deployment {s.models.deployment!r} in {s.models.registry}.",
+                " Register one: `opal model register DIR --promote`.",
+            )
+        model, source = entry.path, f" (current of deployment {s.models.deployment})"
     run_dir = s.embedded.run_dir.resolve()
     with console.status(f"starting vLLM on {model} ..."):
         proc, url = start_vllm(model, s.vllm, run_dir, port=port or None, timeout_s=timeout_s, stop_grace_s=stop_grace_s)
-    console.print(f"serving [bold]{served_name(model.resolve())}[/] at {url}  (log: {proc.log_path}); Ctrl-C stops it")
+    console.print(f"serving [bold]{served_name(model.resolve())}[/]{source} at {url}  (log: {proc.log_path}); Ctrl-C stops it")
     print(f"export OPAL_VLLM_ENDPOINTS='[\"{url}\"]'", flush=True)
     try:
         while proc.alive():

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+import typer.main
+
+from opal.cli import app
+from schemas.category import generic_schema
+from tests.support import REPO, opal_bin
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([opal_bin(), *args], env=env, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_help_lists_every_subcommand(cli_env: dict[str, str]) -> None:
+    group = typer.main.get_command(app)
+    assert hasattr(group, "commands")
+    top = _run(["--help"], cli_env)
+    assert top.returncode == 0
+    for name, cmd in group.commands.items():
+        assert name in top.stdout, name
+        if hasattr(cmd, "commands"):
+            sub = _run([name, "--help"], cli_env)
+            assert sub.returncode == 0
+            for subname in cmd.commands:
+                assert subname in sub.stdout, f"{name} {subname}"
+
+
+def test_settings_table_masks_secrets(cli_env: dict[str, str]) -> None:
+    env = dict(cli_env, OPAL_KAFKA_SASL_PASSWORD="hunter2", OPAL_KAFKA_BOOTSTRAP="kafka-1:9092")
+    r = _run(["settings"], env)
+    assert r.returncode == 0
+    assert "kafka-1:9092" in r.stdout and "OPAL_WORKER_MAX_IN_FLIGHT" in r.stdout
+    assert "hunter2" not in r.stdout and "**********" in r.stdout
+
+
+def test_json_schema_command(cli_env: dict[str, str]) -> None:
+    r = _run(["schemas", "json-schema", "handbag"], cli_env)
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert "Bag Style" in schema["properties"]["aspects"]["properties"]
+    typo = _run(["schemas", "json-schema", "handbags"], cli_env)  # no schema: the generic one, and a hint on stderr
+    assert typo.returncode == 0 and "did you mean handbag" in typo.stderr and "generic schema" in typo.stderr
+    assert set(json.loads(typo.stdout)["properties"]["aspects"]["properties"]) == {a.name for a in generic_schema().visual_aspects}
+
+
+def test_commands_needing_kafka_say_how_to_get_one(cli_env: dict[str, str]) -> None:
+    r = _run(["events", "publish-samples"], cli_env)
+    assert r.returncode == 2 and "opal dev up" in r.stdout
+
+
+@pytest.mark.vllm
+def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
+    r = _run(["demo"], cli_env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"demo: (\d+) listings in, (\d+) aspect events out, (\d+) dead letters", last)
+    assert m, last
+    assert m.groups() == ("44", "41", "3")
+    for reason in ("malformed_event", "invalid_image"):
+        assert reason in r.stdout
+    assert "unknown_category" not in r.stdout  # the listing without a category schema is enriched with the generic one
+    flat = " ".join(r.stdout.split())
+    assert "schema-valid: 41/41 · generic schema (category without one): 1 ·" in flat, flat[-1500:]
+    shipped = json.loads((REPO / "models" / "opal-tiny-abo" / "opal_model.json").read_text())["version"]
+    assert f"model opal-tiny {shipped}" in flat, flat[-1500:]  # the trained model in the repository, not a random one
+    assert "outside the model's training split (13 of 40)" in flat
+    found = re.search(r"search index: (\d+) listings indexed; .+=.+ finds (\d+) of them", r.stdout)
+    assert found and found.group(1) == "41" and 1 <= int(found.group(2)) <= 41, r.stdout[-2000:]

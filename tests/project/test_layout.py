@@ -1,0 +1,92 @@
+"""Required layout and the one-way dependency rule: schemas <- topology <- workers;
+training uses schemas; only opal (the CLI) wires everything."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO
+
+LAYERS = ("schemas", "inference", "topology", "workers", "training", "opal")
+ALLOWED = {
+    "schemas": set(),
+    "inference": {"schemas"},
+    "topology": {"schemas"},
+    "workers": {"schemas", "inference", "topology"},
+    "training": {"schemas", "inference"},
+    "opal": {"schemas", "inference", "topology", "workers", "training"},
+}
+# Shared code must import only what both environments have.
+SHARED_THIRD_PARTY = {"pydantic", "pydantic_settings", "fastavro"}
+# The inference client is shared too: both environments have httpx and Pillow.
+INFERENCE_THIRD_PARTY = SHARED_THIRD_PARTY | {"httpx", "PIL"}
+
+
+def test_required_top_level() -> None:
+    for name in ("workers", "schemas", "training", "topology", "deploy", "tests"):
+        assert (REPO / name).is_dir(), name
+    for name in ("pyproject.toml", "README.md", "Makefile", ".ci/run"):
+        assert (REPO / name).is_file(), name
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_dependency_direction(layer: str) -> None:
+    for f in (REPO / layer).rglob("*.py"):
+        bad = (_imports(f) & set(LAYERS)) - ALLOWED[layer] - {layer}
+        assert not bad, f"{f.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_schemas_import_only_shared_dependencies() -> None:
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    for f in (REPO / "schemas").rglob("*.py"):
+        third = _imports(f) - stdlib - {"schemas", "__future__"}
+        assert third <= SHARED_THIRD_PARTY, f"{f.relative_to(REPO)} imports {sorted(third - SHARED_THIRD_PARTY)}"
+
+
+def test_readme_documents_every_setting() -> None:
+    from schemas.settings import OpalSettings
+
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name, _, _ in OpalSettings().describe() if f"`{name}`" not in readme]
+    assert not missing, f"README lacks {missing}"
+
+
+def test_inference_imports_only_shared_dependencies() -> None:
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    for f in (REPO / "inference").rglob("*.py"):
+        third = _imports(f) - stdlib - {"schemas", "inference", "__future__"}
+        assert third <= INFERENCE_THIRD_PARTY, f"{f.relative_to(REPO)} imports {sorted(third - INFERENCE_THIRD_PARTY)}"
+
+
+def test_tests_mirror_the_packages_and_import_no_test_module() -> None:
+    """tests/<package>/test_<module>.py for each product package, bench/ for the bench scripts, project/ for
+    repository-wide checks; helpers come from tests/support.py (fixtures from conftest.py), never from another test
+    module, also in scripts a test runs in a subprocess."""
+    tests = REPO / "tests"
+    folders = {*LAYERS, "bench", "project"}
+    assert all((tests / d / "__init__.py").is_file() for d in folders)
+    for f in sorted(tests.rglob("*.py")):
+        rel = f.relative_to(tests)
+        if f.name.startswith("test_"):
+            assert len(rel.parts) == 2 and rel.parts[0] in folders, f"{rel}: a test module lives in tests/<package>/"
+        bad = re.findall(r"(?:from|import)\s+(tests\.(?:conftest|(?:\w+\.)*test_\w*))", f.read_text())
+        assert not bad, f"tests/{rel} imports {bad}: shared helpers belong in tests/support.py"
