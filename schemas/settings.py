@@ -374,7 +374,7 @@ class WorkerSettings(BaseModel):
 
 
 class JudgeSettings(BaseModel):
-    """The judge agent: which generated listings it judges."""
+    """The judge agent: which generated listings it judges, and with which judge."""
 
     model_config = _FROZEN
 
@@ -382,6 +382,15 @@ class JudgeSettings(BaseModel):
         0.5, ge=0, le=1, description="Judge every listing whose lowest aspect confidence is below this (low confidence)."
     )
     sample_rate: float = Field(0.05, ge=0, le=1, description="Also judge this share of the other listings (deterministic by event id).")
+    endpoint: str | None = Field(
+        None, description="OpenAI-compatible endpoint (…/v1) of the MLLM judge; unset: the reference rules judge every listing."
+    )
+    model: str | None = Field(None, description="Judge model name at the endpoint; unset: the first model it lists.")
+    api_key: SecretStr | None = Field(None, description="Bearer token for the judge endpoint (secret).")
+    request_timeout_s: float = Field(60.0, gt=0, description="Per-request timeout of the judge.")
+    agreement_rate: float = Field(
+        0.1, ge=0, le=1, description="Share of MLLM-judged listings also judged by the rules, to measure agreement (by event id)."
+    )
 
 
 def _packaged_schema_locations() -> list[Path]:
@@ -454,6 +463,13 @@ class OpalSettings(BaseSettings):
         for e in v.endpoints:
             if not e.startswith(("http://", "https://")):
                 raise ValueError(f"vllm endpoint {mask_url(e)!r} must start with http:// or https://")
+        return v
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_endpoint_is_a_url(cls, v: JudgeSettings) -> JudgeSettings:
+        if v.endpoint and not v.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"judge endpoint {mask_url(v.endpoint)!r} must start with http:// or https://")
         return v
 
     def describe(self) -> list[tuple[str, str, str]]:

@@ -12,6 +12,13 @@ One module serves offline preference-pair building and the online feedback loop:
   structured output; its labels give the score, its own grade gives the verdict.
   Unusable judge output raises :class:`~inference.output.InvalidOutputError` (callers
   count it, never crash).
+- :class:`OnlineJudge` judges streamed AspectEvents (the judge agent's judge): the MLLM
+  judge against the photo and the seller's MACE-refined listing when an endpoint is
+  configured and the photo can be read, the reference rules otherwise (no endpoint, no
+  image, a rejected image, unusable judge output: each counted as a fallback); a sample
+  of MLLM-judged events is also judged by the rules, so their agreement can be watched.
+  Every JudgeOutcome names its judge (``judge_model``: the MLLM's served name or
+  :data:`REFERENCE_JUDGE`). A judge endpoint that is down raises (the agent waits it out).
 - :func:`to_outcome` / :func:`preference_pair` turn a judgement into the JudgeOutcome
   event and, for the bottom two levels, the DPO pair (chosen = reference, rejected =
   model output), with a deterministic pair id so re-emitting is idempotent.
@@ -21,14 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-from inference.client import ListingClient
-from inference.images import prepare_image
+from inference.client import InferenceRejectedError, ListingClient
+from inference.images import PreparedImage, prepare_image
 from inference.output import InvalidOutputError
 from inference.prompt import JUDGE_LEVELS, completion_json, instruction, judge_messages, judge_schema
 from schemas.category import CategoryRegistry, CategorySchema
+from schemas.errors import OpalError
 from schemas.events import AspectEvent, AspectLabel, ImageRef, JudgeOutcome, ModelInfo, PreferencePair, Verdict
 from training.mace import refine
 from training.metrics import canonical_json, norm, rouge_l_f1
@@ -73,7 +82,7 @@ def reference_judge(title: str, aspects: Mapping[str, str], ref_title: str, ref_
 
 async def mllm_judge(
     client: ListingClient,
-    images: list[bytes],
+    images: Sequence[bytes | PreparedImage],
     category: CategorySchema,
     title: str,
     aspects: Mapping[str, str],
@@ -81,7 +90,7 @@ async def mllm_judge(
 ) -> Judgement:
     generated = canonical_json(title, aspects)
     ref_json = canonical_json(*reference) if reference else None
-    urls = [prepare_image(b).data_url() for b in images]
+    urls = [(b if isinstance(b, PreparedImage) else prepare_image(b)).data_url() for b in images]
     resp, *_ = await client.complete_json(
         judge_messages(category, urls, generated, ref_json), judge_schema(list(aspects)), "opal_judge", max_tokens=512
     )
@@ -163,3 +172,76 @@ def judge_event(event: AspectEvent, categories: CategoryRegistry) -> tuple[Judge
     )
     pair = preference_pair(outcome, cat, event.images[0]) if event.images else None
     return outcome, pair
+
+
+@dataclass
+class OnlineJudge:
+    """The judge agent's judge (module docstring); one instance per agent, called once per selected event."""
+
+    categories: CategoryRegistry
+    client: ListingClient | None = None
+    load_image: Callable[[str], Awaitable[bytes | PreparedImage]] | None = None
+    agreement_rate: float = 0.0
+    on_judged: Callable[[str, Verdict, float], None] | None = None  # (judge, verdict, seconds)
+    on_fallback: Callable[[str], None] | None = None  # reason
+    on_agreement: Callable[[bool], None] | None = None
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    _opened: bool = False  # the client's connection pools are made on the loop that first judges (faust's)
+
+    def _fallback(self, reason: str) -> None:
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        if self.on_fallback is not None:
+            self.on_fallback(reason)
+
+    def _sampled(self, event: AspectEvent) -> bool:
+        bucket = int(hashlib.sha256(f"agreement:{event.source_event_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return bucket < self.agreement_rate
+
+    async def __call__(self, event: AspectEvent) -> tuple[JudgeOutcome, PreferencePair | None] | None:
+        """The outcome and (bottom verdicts) the pair; None without a seller listing to judge against."""
+        if not event.seller_title:
+            return None
+        cat = self.categories.resolve(event.category)
+        ref = refine(event.listing_id, event.seller_title, event.seller_aspects, cat)
+        reference = (ref.title, ref.aspects)
+        aspects = {a.name: a.value for a in event.aspects}
+        t0 = time.perf_counter()
+        rules = reference_judge(event.title, aspects, ref.title, ref.aspects)
+        j, judge = rules, "rules"
+        if self.client is None or self.load_image is None:
+            self._fallback("no_endpoint")
+        elif not event.images:
+            self._fallback("no_image")
+        else:
+            j, judge = await self._mllm(event, cat, aspects, reference, rules)
+        if self.on_judged is not None:
+            self.on_judged(judge, j.verdict, time.perf_counter() - t0)
+        outcome = to_outcome(j, event.listing_id, event.source_event_id, event.category, event.title, aspects, event.model, reference)
+        pair = preference_pair(outcome, cat, event.images[0]) if event.images else None
+        return outcome, pair
+
+    async def _mllm(
+        self, event: AspectEvent, cat: CategorySchema, aspects: dict[str, str], reference: tuple[str, Mapping[str, str]], rules: Judgement
+    ) -> tuple[Judgement, str]:
+        assert self.client is not None and self.load_image is not None
+        if not self._opened:
+            await self.client.__aenter__()
+            self._opened = True
+        try:
+            image = await self.load_image(event.images[0].uri)
+        except OpalError as e:
+            if e.dependency and e.retriable:
+                raise  # an image host that is down: an outage, the agent waits
+            self._fallback("image_rejected")
+            return rules, "rules"
+        try:
+            j = await mllm_judge(self.client, [image], cat, event.title, aspects, reference)
+        except InvalidOutputError:
+            self._fallback("judge_output_invalid")
+            return rules, "rules"
+        except InferenceRejectedError:  # the judge refused this request (e.g. too long): the rules still judge it
+            self._fallback("judge_rejected")
+            return rules, "rules"
+        if self.on_agreement is not None and self._sampled(event):
+            self.on_agreement(j.verdict == rules.verdict)
+        return j, "mllm"

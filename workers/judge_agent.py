@@ -5,8 +5,10 @@ Contract
 - Judges a listing when its lowest aspect confidence is below ``judge.confidence_below``
   (the model was unsure) or, for calibration, when a hash of its source event id falls in
   ``judge.sample_rate``; the rest are counted as not selected. The verdict itself comes
-  from the injected ``judge`` function (the CLI wires :func:`training.judge.judge_event`;
-  it returns None when the event carries no reference, counted as ``no_reference``).
+  from the injected ``judge`` function, plain or async (the CLI wires
+  :class:`training.judge.OnlineJudge`: the MLLM judge when ``judge.endpoint`` is set, the
+  reference rules otherwise; it returns None when the event carries no seller listing,
+  counted as ``no_reference``).
 - Writes the JudgeOutcome (key: listing id) to ``topics.judge_outcomes`` and, for the
   bottom two verdicts, the PreferencePair (key: its deterministic pair id) to
   ``topics.preferences``: the next DPO set (``opal train dpo`` reads a dump of it).
@@ -25,9 +27,10 @@ Contract
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import faust
 
@@ -39,7 +42,8 @@ from topology.declared import JUDGE_GROUP
 from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_acked, send_dead_letter, through_outage
 
 log = logging.getLogger(__name__)
-JudgeFn = Callable[[AspectEvent], "tuple[JudgeOutcome, PreferencePair | None] | None"]
+JudgeResult = "tuple[JudgeOutcome, PreferencePair | None] | None"
+JudgeFn = Callable[[AspectEvent], "JudgeResult | Awaitable[JudgeResult]"]
 
 
 class JudgeFailedError(OpalError):
@@ -57,7 +61,8 @@ def selected(event: AspectEvent, confidence_below: float, sample_rate: float) ->
 
 
 async def _call(judge: JudgeFn, event: AspectEvent) -> tuple[JudgeOutcome, PreferencePair | None] | None:
-    return judge(event)
+    result = judge(event)
+    return await result if inspect.isawaitable(result) else result
 
 
 def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str] | None = None) -> faust.App:

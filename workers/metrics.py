@@ -91,3 +91,23 @@ class IndexerMetrics(_Metrics):
         self.lag = Gauge(
             "opal_index_lag", "High-water mark minus the next offset to index, from fetched messages", ["partition"], registry=r
         )
+
+
+@dataclass
+class JudgeMetrics(_Metrics):
+    """The judge agent: which judge decided, how long it took, how often the MLLM and the rules agree."""
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.verdicts = Counter(
+            "opal_judge_verdicts_total", "JudgeOutcomes by judge (mllm, rules) and verdict", ["judge", "verdict"], registry=r
+        )
+        self.latency = Histogram(
+            "opal_judge_latency_seconds", "Time to judge one listing (image load included)", ["judge"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.fallbacks = Counter(
+            "opal_judge_fallbacks_total", "Listings the rules judged instead of the MLLM, by reason", ["reason"], registry=r
+        )
+        self.agreement = Counter(
+            "opal_judge_agreement_total", "Sampled MLLM verdicts compared with the rules' (agree, disagree)", ["result"], registry=r
+        )

@@ -132,19 +132,59 @@ def worker_index(
 @app.command("judge")
 def worker_judge(
     log_level: Annotated[str, typer.Option(help="Logging level of the faust worker.")] = "WARNING",
+    metrics_port: Annotated[int, typer.Option(help="Prometheus port (0 = a free one, printed).")] = 0,
 ) -> None:
-    """Judge low-confidence listings (faust agent): outcomes to the judge topic, bottom verdicts to the preference topic."""
-    import functools
+    """Judge low-confidence listings (faust agent): outcomes to the judge topic, bottom verdicts to the preference topic.
+
+    With OPAL_JUDGE_ENDPOINT the MLLM judge decides (photo + seller listing; images under the worker's allowed file
+    root / hosts); without it, or when the photo cannot be read, the reference rules. /metrics has verdicts per
+    judge, latency, fallbacks and the agreement of the two judges on a sample (OPAL_JUDGE_AGREEMENT_RATE).
+    """
     from collections import Counter
 
-    from training.judge import judge_event
+    from inference.client import ListingClient
+    from training.judge import OnlineJudge
+    from workers.image_loader import ImageLoader
     from workers.judge_agent import build_judge_app
+    from workers.metrics import JudgeMetrics
 
     s = resolved_settings()
     require_kafka(s)
     counts: Counter[str] = Counter()
-    faust_app = build_judge_app(s, functools.partial(judge_event, categories=current_categories()), counts)
-    _run_faust(faust_app, counts, "judge agent", log_level)
+    metrics = JudgeMetrics()
+    console.print(f"metrics on http://127.0.0.1:{metrics.serve(metrics_port)}/metrics", highlight=False)
+    j, w = s.judge, s.worker
+    judge = OnlineJudge(
+        current_categories(),
+        agreement_rate=j.agreement_rate,
+        on_judged=lambda kind, verdict, secs: (
+            metrics.verdicts.labels(kind, verdict.value).inc(),
+            metrics.latency.labels(kind).observe(secs),
+        ),
+        on_fallback=lambda reason: metrics.fallbacks.labels(reason).inc(),
+        on_agreement=lambda agreed: metrics.agreement.labels("agree" if agreed else "disagree").inc(),
+    )
+    if j.endpoint:
+        judge.client = ListingClient(
+            [j.endpoint],
+            model=j.model,
+            api_key=j.api_key.get_secret_value() if j.api_key else None,
+            timeout_s=j.request_timeout_s,
+            max_concurrency=4,
+        )
+        loader = ImageLoader(
+            w.allowed_file_root,
+            w.allowed_http_hosts,
+            w.image_max_bytes,
+            w.image_max_pixels,
+            w.image_fetch_timeout_s,
+            allow_private_addresses=w.allow_private_addresses,
+        )
+        judge.load_image = loader.load
+        console.print(f"judge: MLLM at {j.endpoint} (rules where it cannot judge)", highlight=False)
+    else:
+        console.print("judge: reference rules (set OPAL_JUDGE_ENDPOINT for the MLLM judge)", highlight=False)
+    _run_faust(build_judge_app(s, judge, counts), counts, "judge agent", log_level)
 
 
 def _run_faust(faust_app: Any, counts: Any, title: str, log_level: str) -> None:

@@ -9,11 +9,12 @@ import json
 import pytest
 
 from inference.client import ListingClient
+from inference.images import ImageRejectedError
 from inference.output import InvalidOutputError
 from opal.samples import load_samples
 from schemas.category import default_categories
-from schemas.events import ImageRef, ModelInfo, Verdict
-from training.judge import mllm_judge, preference_pair, reference_judge, to_outcome, verdict_for
+from schemas.events import AspectEvent, AspectValue, ImageRef, ModelInfo, SchemaCheck, Verdict
+from training.judge import REFERENCE_JUDGE, OnlineJudge, mllm_judge, preference_pair, reference_judge, to_outcome, verdict_for
 
 SHOES = default_categories().get("shoes")
 REF = ("White leather kitten heel court shoes", {"Color": "white", "Material": "leather", "Heel Type": "kitten"})
@@ -90,3 +91,54 @@ def test_mllm_judge_on_the_real_server_never_crashes(vllm_url: str) -> None:
     assert len(ok) + len(failed) == 8  # every call ended as a judgement or a counted, typed failure
     for j in ok:
         assert j.verdict in set(Verdict) and 0.0 <= j.score <= 1.0 and j.judge_model.startswith("opal-tiny")
+
+
+def _event(image_uri: str | None, title: str = "black suede ankle boots") -> AspectEvent:
+    s = load_samples()[0]
+    return AspectEvent(
+        listing_id="l1",
+        source_event_id="e1",
+        category=s.product_type,
+        title=title,
+        aspects=[AspectValue(name="Color", value="black", confidence=0.2)],
+        model=MODEL,
+        schema_check=SchemaCheck(valid=True),
+        images=[ImageRef(uri=image_uri)] if image_uri else [],
+        seller_title=s.title,
+        seller_aspects={"Color": s.color},
+    )
+
+
+def test_without_an_endpoint_the_rules_judge_and_the_fallback_is_counted() -> None:
+    seen: list[tuple[str, Verdict]] = []
+    judge = OnlineJudge(default_categories(), on_judged=lambda kind, verdict, _s: seen.append((kind, verdict)))
+    result = asyncio.run(judge(_event("file:///x.jpg")))
+    assert result is not None
+    outcome, _ = result
+    assert outcome.judge_model == REFERENCE_JUDGE and outcome.reference_kind == "ground_truth"
+    assert judge.fallbacks == {"no_endpoint": 1} and seen == [("rules", outcome.verdict)]
+    assert asyncio.run(judge(_event("file:///x.jpg").model_copy(update={"seller_title": None}))) is None  # nothing to judge against
+
+
+@pytest.mark.vllm
+def test_the_online_judge_asks_the_mllm_and_falls_back_to_the_rules_where_it_cannot(vllm_url: str) -> None:
+    s = load_samples()[0]
+    agreements: list[bool] = []
+
+    async def load(uri: str) -> bytes:
+        if "missing" in uri:
+            raise ImageRejectedError("no such file")
+        return s.image.read_bytes()
+
+    async def go() -> tuple[object, object, object]:
+        judge = OnlineJudge(default_categories(), ListingClient([vllm_url]), load, agreement_rate=1.0, on_agreement=agreements.append)
+        results = []
+        for uri in (s.image.as_uri(), "file:///missing.jpg", None):
+            results.append(await judge(_event(uri)))
+        assert judge.fallbacks == {"image_rejected": 1, "no_image": 1}
+        return tuple(results)  # type: ignore[return-value]
+
+    mllm, rejected, imageless = asyncio.run(go())
+    assert mllm is not None and mllm[0].judge_model.startswith("opal-tiny@")  # type: ignore[index]
+    assert rejected[0].judge_model == REFERENCE_JUDGE and imageless[0].judge_model == REFERENCE_JUDGE  # type: ignore[index]
+    assert len(agreements) == 1  # the one MLLM verdict was compared with the rules'

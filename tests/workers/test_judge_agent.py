@@ -77,6 +77,7 @@ def test_judge_agent_writes_outcomes_pairs_and_dead_letters(settings: OpalSettin
     dead = read_to_end(s, s.topics.dead_letters, EventCodec(DeadLetter))
     verdicts = {k: o.verdict for k, o in outcomes}
     assert len(outcomes) == 4, out[-3000:]
+    assert {o.judge_model for _, o in outcomes} == {"reference-rules-v1"} and "judge: reference rules" in out  # no OPAL_JUDGE_ENDPOINT
     assert verdicts == {b"L-wrong": Verdict.INCORRECT, b"L-right": Verdict.CORRECT, b"L-sure": Verdict.CORRECT, b"L-noref": Verdict.CORRECT}
     assert [(k, p.listing_id, p.rejected) for k, p in pairs] == [
         (pairs[0][1].pair_id.encode(), "L-wrong", '{"aspects":{"Color":"clear"},"title":"dantur kite"}')
