@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from opal import __version__
-from opal.commands import data, demo, dev, events, experiment, model, schemas, search, serve, settings, topology, train, worker
+from opal.commands import data, demo, dev, events, experiment, loop, model, schemas, search, serve, settings, topology, train, worker
 from opal.commands import eval as eval_  # the module is named after its command; the alias keeps the builtin eval unshadowed
 from opal.commands.common import console
 
@@ -39,6 +39,7 @@ for name, group in (
     ("data", data.app),
     ("train", train.app),
     ("experiment", experiment.app),
+    ("loop", loop.app),
 ):
     app.add_typer(group, name=name)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from opal.embedded import ManagedProcess, free_port
-from opal.samples import SampleListing, load_samples, sample_event
-from schemas.events import Lane, ListingImageEvent
+from opal.samples import SAMPLE_DIR, SampleListing, load_samples, sample_event
+from schemas.events import Lane, ListingImageEvent, PreferencePair
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 
@@ -252,3 +252,30 @@ def stubborn_service(tmp_path: Path, attached: bool = True) -> tuple[ManagedProc
     helper = wait_for(helper_pid, 10, "the stubborn server to listen and print its helper's pid")
     assert mp.pid and alive(mp.pid) and alive(helper) and listening(port)
     return mp, helper, port
+
+
+def synthetic_pairs(n: int, version: str = "test") -> list[PreferencePair]:
+    """chosen = the catalogue listing, rejected = a wrong one, for the first n sample items (by model ``version``)."""
+    from inference.prompt import completion_json, instruction
+    from schemas.category import default_categories
+    from schemas.events import ImageRef, ModelInfo, Verdict
+    from training.abo import load_abo
+
+    cats = default_categories()
+    out = []
+    for r in list(load_abo(SAMPLE_DIR, cats))[:n]:
+        cat = cats.get(r.category)
+        out.append(
+            PreferencePair(
+                pair_id=f"p-{r.item_id}",
+                listing_id=r.item_id,
+                category=r.category,
+                prompt=instruction(cat),
+                image=ImageRef(uri=r.image.as_uri()),
+                chosen=completion_json(r.title, r.aspects, cat),
+                rejected=completion_json("dantur kite", {"Color": "clear"}, cat),
+                verdict=Verdict.INCORRECT,
+                model=ModelInfo(name="opal-tiny", version=version),
+            )
+        )
+    return out

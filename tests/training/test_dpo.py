@@ -8,35 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from inference.prompt import completion_json, instruction
 from opal.samples import SAMPLE_DIR
-from schemas.category import default_categories
-from schemas.events import ImageRef, ModelInfo, PreferencePair, Verdict
-from tests.support import RUN, compare, opal_bin
-from training.abo import load_abo
+from schemas.events import ImageRef, Verdict
+from tests.support import RUN, compare, opal_bin, synthetic_pairs
 from training.preferences import read_pairs, write_pairs
-
-
-def synthetic_pairs(n: int) -> list[PreferencePair]:
-    """chosen = the catalogue listing, rejected = a wrong one, for the first n sample items."""
-    cats = default_categories()
-    out = []
-    for r in list(load_abo(SAMPLE_DIR, cats))[:n]:
-        cat = cats.get(r.category)
-        out.append(
-            PreferencePair(
-                pair_id=f"p-{r.item_id}",
-                listing_id=r.item_id,
-                category=r.category,
-                prompt=instruction(cat),
-                image=ImageRef(uri=r.image.as_uri()),
-                chosen=completion_json(r.title, r.aspects, cat),
-                rejected=completion_json("dantur kite", {"Color": "clear"}, cat),
-                verdict=Verdict.INCORRECT,
-                model=ModelInfo(name="opal-tiny", version="test"),
-            )
-        )
-    return out
 
 
 @pytest.mark.model_env
