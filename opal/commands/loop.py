@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from opal.commands.common import console, exits_on
+from opal.commands.common import console, exits_on, fail, require_kafka, resolved_settings
+from schemas.errors import OpalError
 from schemas.settings import OpalSettings
 
 app = typer.Typer(help="Close the loop: judge pairs -> DPO -> evaluation gate -> promotion.", no_args_is_help=True)
@@ -55,3 +56,57 @@ def loop_round(
         for reason in result.reasons:
             console.print(f"  {reason}", highlight=False)
     print(result.line(), flush=True)
+
+
+@app.command("reenrich")
+def loop_reenrich(
+    version: Annotated[str | None, typer.Option(help="Target model version (default: the deployment's current one).")] = None,
+    rate: Annotated[float, typer.Option(min=0.0, help="Events per second at most (0: no limit); backfill yields to realtime.")] = 50.0,
+    dry_run: Annotated[bool, typer.Option(help="Count what would be sent; send nothing.")] = False,
+) -> None:
+    """Re-publish, on the backfill lane, every listing whose current AspectEvent came from another model version.
+
+    Reads the aspect topic to its end, keeps each listing's latest event, and sends the stale ones again (event ids
+    derived from listing and version: a rerun sends the same events). Run it after a promotion; run it again to see
+    how far the catalogue has converged.
+    """
+    from rich.table import Table
+
+    from schemas.events import AspectEvent, ListingImageEvent
+    from schemas.serde import CodecSet
+    from training.registry import ModelRegistry
+    from workers.kafka_clients import make_producer
+    from workers.reenrich import plan, publish, read_latest
+
+    s = resolved_settings()
+    require_kafka(s)
+    if version is None:
+        current = ModelRegistry(s.models.registry).current(s.models.deployment)
+        if current is None:
+            raise fail(f"No --version and no current model for deployment {s.models.deployment!r}.")
+        version = current.version
+    codecs = CodecSet.of(s.kafka)
+    with console.status(f"reading {s.topics.aspects} to its end ..."), exits_on(TimeoutError, OpalError, highlight=False):
+        latest, unreadable = read_latest(s.kafka, s.topics.aspects, codecs[AspectEvent])
+    p = plan(latest, version, unreadable)
+    sent = 0
+    if p.events and not dry_run:
+        producer = make_producer(s.kafka)
+        with exits_on(RuntimeError, highlight=False):
+            sent = publish(
+                producer,
+                s.topics.images_backfill,
+                p.events,
+                codecs[ListingImageEvent],
+                rate,
+                progress=lambda done, total: console.print(f"  sent {done:,}/{total:,}", highlight=False),
+            )
+    t = Table("listings", "count", title=f"re-enrichment to {version}")
+    t.add_row("with a current AspectEvent", str(p.listings))
+    t.add_row("already from the target version", str(p.at_target))
+    t.add_row("stale (from another version)", str(len(p.events) + p.without_images))
+    t.add_row("  without images (cannot be sent)", str(p.without_images))
+    t.add_row("unreadable records", str(p.unreadable))
+    t.add_row("sent on the backfill lane" + (" (dry run: none)" if dry_run else ""), str(sent))
+    console.print(t)
+    print(f"reenrich: {sent} listings re-published for {version}; {p.at_target} of {p.listings} already at it", flush=True)

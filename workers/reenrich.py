@@ -1,0 +1,155 @@
+"""Re-enrichment after a promotion: the catalogue converges to the new model version.
+
+The aspects topic (compacted by listing id) holds each listing's current AspectEvent, and
+since AspectEvent v2 that event carries what is needed to enrich the listing again (its
+images, category, seller title and aspects). :func:`plan` reads the topic to the end
+offsets the broker reports, keeps the latest event per listing, and turns every listing
+whose event came from another model version into a ``ListingImageEvent`` on the **backfill**
+lane; :func:`publish` sends them at a bounded rate. The enrich workers serve the backfill
+lane only with what realtime leaves (``workers/flow_control.py``), and the new version
+misses the result cache (its key holds the model version), so each listing is generated
+again by the promoted model.
+
+Contract
+- Idempotent: a listing's re-enrichment event id is derived from (listing id, target
+  version), so a rerun (or a crash and rerun) re-sends the same events, recognisable
+  downstream; listings already at the target version are not sent again.
+- :func:`publish` returns only after every event it sent was acknowledged (raises on a
+  delivery error: rerun it). Undecodable records and events without images are counted,
+  never sent.
+- Progress: :func:`plan` and :func:`publish` report through a callback; the counts say how
+  far the catalogue has converged (listings at the target version / all listings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from schemas.errors import OpalError
+from schemas.events import AspectEvent, Lane, ListingImageEvent
+from schemas.serde import EventCodec
+from schemas.settings import KafkaSettings
+from workers.kafka_clients import make_consumer
+
+
+@dataclass
+class Plan:
+    target: str  # the model version listings should come from
+    listings: int = 0  # listings with a current AspectEvent
+    at_target: int = 0
+    unreadable: int = 0  # records that are not AspectEvents
+    without_images: int = 0
+    events: list[ListingImageEvent] = field(default_factory=list)  # what to send
+
+
+def reenrich_event_id(listing_id: str, target: str) -> str:
+    return "reenrich-" + hashlib.sha256(f"{listing_id}\0{target}".encode()).hexdigest()[:24]
+
+
+def read_latest(
+    kafka: KafkaSettings, topic: str, codec: EventCodec[AspectEvent], timeout_s: float = 120
+) -> tuple[dict[str, AspectEvent], int]:
+    """(latest AspectEvent per listing id, unreadable records) of ``topic`` up to the end offsets reported now."""
+    c = make_consumer(kafka, f"opal-reenrich-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False})
+    latest: dict[str, AspectEvent] = {}
+    unreadable = 0
+    try:
+        todo: dict[int, int] = {}
+        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                todo[p] = high
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{topic}: the end of partitions {sorted(todo)} was not reached in {timeout_s:g} s")
+            m = c.poll(0.3)
+            if m is None or m.error():
+                continue
+            key = (m.key() or b"").decode(errors="replace")
+            if m.value() is None:
+                latest.pop(key, None)  # a tombstone: the listing is gone
+            else:
+                try:
+                    latest[key] = codec.decode(m.value())
+                except OpalError:
+                    unreadable += 1
+            if m.offset() + 1 >= _fetched_high(c, topic, m.partition(), todo.get(m.partition(), 0)):
+                todo.pop(m.partition(), None)
+    finally:
+        c.close()
+    return latest, unreadable
+
+
+def _fetched_high(c: Consumer, topic: str, partition: int, listed_high: int) -> int:
+    """The partition's end: the high-water mark of the last fetch response, or the listed one if larger.
+
+    tansu's ListOffsets answer counts batches, not records (8 records in one batch: end offset 1), so the listed
+    end alone would stop early there; a fetch response carries the right high-water mark on tansu and Kafka alike.
+    """
+    _, fetched = c.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+    return max(listed_high, fetched or 0)
+
+
+def plan(latest: dict[str, AspectEvent], target: str, unreadable: int = 0) -> Plan:
+    """Which listings to send again: those whose current event's model version is not ``target``."""
+    p = Plan(target=target, listings=len(latest), unreadable=unreadable)
+    for listing_id, ev in sorted(latest.items()):
+        if ev.model.version == target:
+            p.at_target += 1
+        elif not ev.images:
+            p.without_images += 1
+        else:
+            p.events.append(
+                ListingImageEvent(
+                    event_id=reenrich_event_id(listing_id, target),
+                    listing_id=listing_id,
+                    category=ev.category,
+                    images=ev.images,
+                    seller_title=ev.seller_title,
+                    seller_aspects=ev.seller_aspects,
+                    lane=Lane.BACKFILL,
+                )
+            )
+    return p
+
+
+def publish(
+    producer: Producer,
+    topic: str,
+    events: list[ListingImageEvent],
+    codec: EventCodec[ListingImageEvent],
+    rate_per_s: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Send ``events`` (keyed by listing id) at most ``rate_per_s`` a second; returns how many were acknowledged."""
+    errors: list[str] = []
+    acked = 0
+
+    def delivered(err: KafkaError | None, _msg: object) -> None:
+        nonlocal acked
+        if err is not None:
+            errors.append(str(err))
+        else:
+            acked += 1
+
+    t0 = time.monotonic()
+    for i, ev in enumerate(events, 1):
+        if rate_per_s > 0:
+            wait = t0 + i / rate_per_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        producer.produce(topic, key=ev.listing_id.encode(), value=codec.encode(ev), on_delivery=delivered)
+        producer.poll(0)
+        if progress is not None and (i % 50 == 0 or i == len(events)):
+            progress(i, len(events))
+    if producer.flush(60) or errors:
+        raise RuntimeError(f"{len(errors) or 'some'} re-enrichment events were not acknowledged ({'; '.join(errors[:3])}): rerun")
+    return acked
