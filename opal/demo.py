@@ -39,6 +39,7 @@ class DemoResult:
     search_example: tuple[str, str, int] | None = None  # aspect name, value, listings the index returns for it
     held_out: frozenset[str] = frozenset()  # sample listing ids outside the model's training split
     seen: int = 0  # sample listings inside it
+    loop: Any = None  # opal.demo_loop.LoopResult with --loop
 
 
 def demo_model(model_dir: Path = DEMO_MODEL) -> Path:
@@ -91,7 +92,7 @@ def read_topic(settings: OpalSettings, topic: str, decode: Any, expected: int, t
     return out
 
 
-def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
+def run_demo(console: Console, samples: Path = SAMPLE_DIR, loop: bool = False) -> DemoResult:
     from confluent_kafka.admin import AdminClient
 
     from topology.admin import apply_topology
@@ -147,9 +148,14 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR) -> DemoResult:
             vllm.stop()
         indexed, example = index_and_search(s, events)
         console.print(f"[bold]6.[/] search indexer: {indexed} listings searchable in valkey")
+        looped = None
+        if loop:
+            from opal.demo_loop import run_loop
+
+            looped = run_loop(console, s, samples, model_dir, run_dir, events)
     splits = {sample_event(x).listing_id: title_split(x.title) for x in load_samples(samples)}
     held_out = frozenset(k for k, v in splits.items() if v != "train")
-    return DemoResult(n, events, dead, indexed, example, held_out, len(splits) - len(held_out))
+    return DemoResult(n, events, dead, indexed, example, held_out, len(splits) - len(held_out), looped)
 
 
 def index_and_search(s: OpalSettings, events: list[AspectEvent]) -> tuple[int, tuple[str, str, int] | None]:
@@ -179,7 +185,7 @@ def print_result(console: Console, r: DemoResult) -> None:
         "category",
         "title",
         "aspects (confidence)",
-        title="aspect events (a 0.8M-parameter model trained on 4,082 ABO photos: weak, but it reads the photo)",
+        title="aspect events (a 0.8M-parameter model trained on 6,323 ABO photos: weak, but it reads the photo)",
         caption=f"held out: the photo's product is outside the model's training split ({len(r.held_out)} of {len(r.held_out) + r.seen})",
         show_lines=False,
     )
@@ -206,3 +212,5 @@ def print_result(console: Console, r: DemoResult) -> None:
         name, value, hits = r.search_example
         console.print(f"search index: {r.indexed} listings indexed; {name}={value} finds {hits} of them", highlight=False)
     print(f"demo: {r.listings_in} listings in, {len(r.aspect_events)} aspect events out, {len(r.dead_letters)} dead letters")
+    if r.loop is not None:
+        print(r.loop.line(), flush=True)

@@ -940,3 +940,16 @@ def resolve_settings(settings: OpalSettings) -> OpalSettings:
     if redis.url is None and state.get("redis_url"):
         redis = redis.model_copy(update={"url": SecretStr(state["redis_url"])})
     return settings.model_copy(update={"kafka": kafka, "redis": redis})
+
+
+def settings_env(s: OpalSettings, base: dict[str, str]) -> dict[str, str]:
+    """``base`` plus the OPAL_* variables that point an `opal` subprocess at these settings' broker, Redis, topics
+    and worker image root (what a parent that resolved an embedded stack hands its children)."""
+    env = {**base, "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or ""}
+    if s.redis.url is not None:
+        env |= {"OPAL_REDIS_URL": s.redis.url_value(), "OPAL_REDIS_KEY_PREFIX": s.redis.key_prefix}
+    for name, value in s.topics.model_dump().items():
+        env[f"OPAL_TOPICS_{name.upper()}"] = str(value)
+    if s.worker.allowed_file_root is not None:
+        env["OPAL_WORKER_ALLOWED_FILE_ROOT"] = str(s.worker.allowed_file_root)
+    return env

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from opal.embedded import ManagedProcess, free_port
+from opal.embedded import settings_env as settings_env  # re-exported: the tests point CLI subprocesses at a stack with it
 from opal.samples import SAMPLE_DIR, SampleListing, load_samples, sample_event
 from schemas.events import Lane, ListingImageEvent, PreferencePair
 from schemas.serde import EventCodec
@@ -105,16 +106,6 @@ def read_to_end(s: OpalSettings, topic: str, codec: EventCodec[Any], timeout_s: 
         return out
     finally:
         c.close()
-
-
-def settings_env(s: OpalSettings, base: dict[str, str]) -> dict[str, str]:
-    """``base`` plus the OPAL_* variables that point a CLI subprocess at these settings' broker, Redis and topics."""
-    env = {**base, "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or ""}
-    if s.redis.url is not None:
-        env |= {"OPAL_REDIS_URL": s.redis.url_value(), "OPAL_REDIS_KEY_PREFIX": s.redis.key_prefix}
-    for name, value in s.topics.model_dump().items():
-        env[f"OPAL_TOPICS_{name.upper()}"] = str(value)
-    return env
 
 
 def worker_events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l") -> list[ListingImageEvent]:

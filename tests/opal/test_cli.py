@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -10,6 +11,7 @@ import typer.main
 from opal.cli import app
 from schemas.category import generic_schema
 from tests.support import REPO, opal_bin
+from training.registry import ModelRegistry
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -54,10 +56,22 @@ def test_commands_needing_kafka_say_how_to_get_one(cli_env: dict[str, str]) -> N
 
 
 @pytest.mark.vllm
-def test_demo_runs_end_to_end(cli_env: dict[str, str]) -> None:
-    r = _run(["demo"], cli_env, timeout=900)
+def test_demo_runs_end_to_end_then_closes_the_loop(cli_env: dict[str, str]) -> None:
+    """`opal demo --loop`: the demo (its line second to last), then judge agent -> preference builder -> round -> promotion
+    or not -> re-enrichment of every listing the old version made (the last line)."""
+    r = _run(["demo", "--loop"], cli_env, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    last = r.stdout.strip().splitlines()[-1]
+    *_, demo_line, loop_line = r.stdout.strip().splitlines()
+    loop_re = r"loop: (\d+) preference pairs, candidate (dpo-[0-9a-f]{12}) (promoted|kept), (\d+) listings re-enriched"
+    looped = re.fullmatch(loop_re, loop_line)
+    assert looped, loop_line
+    pairs, candidate, status, reenriched = looped.groups()
+    assert int(pairs) > 0 and (int(reenriched) == 41 if status == "promoted" else reenriched == "0"), loop_line
+    registry = ModelRegistry(Path(cli_env["OPAL_EMBEDDED_RUN_DIR"]) / "demo" / "loop" / "registry")
+    assert candidate in registry.versions() and (registry.current("demo").version == candidate) == (status == "promoted")  # type: ignore[union-attr]
+    for step in ("7. judge agent", "8. preference builder", "9. registry", "10. improvement round"):
+        assert step in r.stdout, r.stdout[-3000:]
+    last = demo_line
     m = re.fullmatch(r"demo: (\d+) listings in, (\d+) aspect events out, (\d+) dead letters", last)
     assert m, last
     assert m.groups() == ("44", "41", "3")
