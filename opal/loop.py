@@ -151,7 +151,14 @@ def run_round(c: RoundConfig, rep: Reporter) -> RoundResult:
 
 
 def _register(reg: ModelRegistry, candidate_dir: Path, folder: Path, parent: str) -> None:
-    entry = reg.register(candidate_dir, note=f"DPO round {folder.name} from {parent}", extra={"parent": parent, "round": folder.name})
+    pairs = folder / "pairs.jsonl"
+    extra = {
+        "parent": parent,
+        "round": folder.name,
+        "pairs_file_sha256": hashlib.sha256(pairs.read_bytes()).hexdigest(),  # the exact preference set it was tuned on
+        "pairs": len(pairs.read_text().splitlines()),
+    }
+    entry = reg.register(candidate_dir, note=f"DPO round {folder.name} from {parent}", extra=extra)
     (folder / "registered").write_text(entry.version + "\n")
 
 

@@ -45,7 +45,9 @@ def test_a_round_trains_evaluates_gates_resumes_and_then_has_nothing_to_do(cli_e
     m = re.fullmatch(r"round: 12 preference pairs, candidate (dpo-[0-9a-f]{12}) (promoted|kept)", last)
     assert m, last
     candidate, status = m.groups()
-    assert candidate in reg.versions() and reg.get(candidate).manifest["parent"] == current.version
+    manifest = reg.get(candidate).manifest
+    assert candidate in reg.versions() and manifest["parent"] == current.version and manifest["pairs"] == 12
+    assert len(manifest["pairs_file_sha256"]) == 64 and manifest["card"]["version"] == candidate
     assert reg.current().version == (candidate if status == "promoted" else current.version)  # type: ignore[union-attr]
     (folder,) = (tmp_path / "rounds").glob(f"{current.version}-*")
     report = (folder / "report.md").read_text()
