@@ -21,7 +21,12 @@ registry (:mod:`training.registry`):
    (they were tried).
 
 Resumable: the round folder (``<rounds>/<current version>-<hash of the pair ids>``) holds each
-step's output; a rerun after a crash at any step skips what is done. The round's last line
+step's output (each written whole: temporary file, then rename); a rerun after a crash at any
+step skips what is done. The decision (``decision.json``), the ledger and the report are written
+before the promotion, and a run that finds a decided but unfinished promotion of the current
+version finishes it; a promotion once done (``promoted`` marker) is never repeated, so an
+operator's rollback stays. An evaluation with failed requests fails its step (and is not kept):
+an outage must not decide a gate. The round's last line
 is ``round: <P> preference pairs, candidate <version> <promoted|kept>``.
 """
 
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +57,8 @@ from training.rounds import (
 )
 
 LEDGER = "rounds-ledger.txt"
+DECISION = "decision.json"
+PROMOTED = "promoted"
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,9 @@ def run_round(c: RoundConfig, rep: Reporter) -> RoundResult:
         f"{len(found.pairs)} new pairs for {current.served_name} in {shard_for(c.shards, current.version)} "
         f"({found.already_used} used by earlier rounds, {found.duplicates} duplicates, {found.torn} torn lines)"
     )
+    pending = _pending_promotion(reg, c, current.version)
+    if pending is not None:
+        return pending
     if len(found.pairs) < c.min_pairs:
         return RoundResult("nothing", len(found.pairs), current.version)
     ids = sorted(p.pair_id for p in found.pairs)
@@ -103,12 +115,18 @@ def run_round(c: RoundConfig, rep: Reporter) -> RoundResult:
     eval_root = c.out / "eval"
 
     def eval_dir(version: str) -> Path:
-        tag = f"{c.data.resolve().name}-{c.split}-{c.limit or 'all'}"
-        return eval_root / tag / version
+        where = hashlib.sha256(str(c.data.resolve()).encode()).hexdigest()[:8]
+        return eval_root / f"{c.data.resolve().name}-{where}-{c.split}-{c.limit or 'all'}" / version
 
     def evaluate(model_dir: Path, version: str) -> None:
-        args = ["eval", "run", "--model", str(model_dir), "--data", str(c.data), "--split", c.split, "--out", str(eval_dir(version))]
+        out = eval_dir(version)
+        args = ["eval", "run", "--model", str(model_dir), "--data", str(c.data), "--split", c.split, "--out", str(out)]
         _opal([*args, *(["--limit", str(c.limit)] if c.limit else [])], rep)
+        report = json.loads((out / "report.json").read_text())
+        failed = int(report.get("failed", 0)) + int((report.get("swap_control") or {}).get("failed", 0))
+        if failed:  # an infrastructure failure scores as invalid output: never gate (or cache) on it
+            shutil.rmtree(out, ignore_errors=True)
+            raise StepFailed(f"the evaluation of {version} had {failed} failed requests; rerun the round")
 
     def candidate_version() -> str:
         return str(json.loads((candidate_dir / "opal_model.json").read_text())["version"])
@@ -141,13 +159,40 @@ def run_round(c: RoundConfig, rep: Reporter) -> RoundResult:
     cur_report, cand_report = eval_dir(current.version) / "report.json", eval_dir(cand) / "report.json"
     cur_row, cand_row = summary(load_report_row(cur_report)), summary(load_report_row(cand_report))
     decision = gate(cur_row, cand_row, c.tolerance)
-    if decision.promote:
-        reg.promote(cand, c.deployment, reason=f"round {folder.name}: " + "; ".join(decision.reasons))
-    append_ledger(ledger, ids)
     result = RoundResult("promoted" if decision.promote else "kept", len(ids), current.version, cand, tuple(decision.reasons), folder)
+    # decision, ledger and report first, the promotion last: a crash in between is finished by the next run
+    _write_json(folder / DECISION, {"status": result.status, "candidate": cand, "parent": current.version, "reasons": decision.reasons})
+    append_ledger(ledger, ids)
     swap = {"current": swap_delta(cur_report), "candidate": swap_delta(cand_report)}
     _report(folder, result, cur_row, cand_row, c, swap)
+    if decision.promote:
+        _promote(reg, c, folder, cand, decision.reasons)
     return result
+
+
+def _write_json(path: Path, doc: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _promote(reg: ModelRegistry, c: RoundConfig, folder: Path, candidate: str, reasons: Sequence[str]) -> None:
+    reg.promote(candidate, c.deployment, reason=f"round {folder.name}: " + "; ".join(reasons))
+    (folder / PROMOTED).write_text(candidate + "\n")  # done: a later rollback is the operator's, never undone by a rerun
+
+
+def _pending_promotion(reg: ModelRegistry, c: RoundConfig, current: str) -> RoundResult | None:
+    """A round of ``current`` that decided to promote and crashed before it did: finish it."""
+    for folder in sorted(c.out.glob(f"{current}-*")):
+        path = folder / DECISION
+        if not path.is_file() or (folder / PROMOTED).is_file():
+            continue
+        d = json.loads(path.read_text())
+        if d.get("status") == "promoted" and d.get("parent") == current:
+            _promote(reg, c, folder, str(d["candidate"]), d.get("reasons", []))
+            pairs = len((folder / "pairs.jsonl").read_text().splitlines())
+            return RoundResult("promoted", pairs, current, str(d["candidate"]), tuple(d.get("reasons", [])), folder)
+    return None
 
 
 def _register(reg: ModelRegistry, candidate_dir: Path, folder: Path, parent: str) -> None:

@@ -171,12 +171,14 @@ def to_bulk(
 
 
 def is_bulk_file(path: Path) -> bool:
-    """True for a ``.json`` file whose top level names the bulk format (cheap: reads the first 4 KiB)."""
+    """True for a ``.json`` file whose top-level ``format`` names the bulk format (whatever the key order)."""
     if not path.is_file() or path.suffix != ".json":
         return False
-    with path.open("rb") as f:
-        head = f.read(4096)
-    return b'"format"' in head and BULK_FORMAT.encode() in head
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # not JSON: the per-category loader names the file and the error
+    return isinstance(doc, dict) and doc.get("format") == BULK_FORMAT
 
 
 def dump_bulk(doc: Mapping[str, Any]) -> str:

@@ -128,7 +128,7 @@ def build_topology(settings: OpalSettings) -> Topology:
             JUDGE_GROUP,
             (t.aspects,),
             (t.judge_outcomes, t.preferences, t.dead_letters),
-            "judge agent (faust-streaming) -> reference judge (training/judge.py)",
+            "judge agent (faust-streaming) -> MLLM judge (OPAL_JUDGE_ENDPOINT) or reference rules",
             "Scores generated listings against the seller's MACE-refined listing; low verdicts become preference pairs.",
         ),
         ConsumerGroup(

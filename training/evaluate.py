@@ -550,6 +550,8 @@ def write_eval(result: EvalResult, out_dir: Path) -> list[Path]:
                 row = {"system": system, "id": item_id, "output": output, **_provenance(result, system, item_id)}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     paths[1].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.references))
-    paths[2].write_text(json.dumps(report_json(result), indent=2) + "\n")
     paths[3].write_text(markdown(result))
+    tmp = paths[2].with_suffix(".json.tmp")  # report.json last and whole: callers treat it as "the evaluation is done"
+    tmp.write_text(json.dumps(report_json(result), indent=2) + "\n")
+    tmp.replace(paths[2])
     return paths

@@ -94,8 +94,9 @@ async def mllm_judge(
     resp, *_ = await client.complete_json(
         judge_messages(category, urls, generated, ref_json), judge_schema(list(aspects)), "opal_judge", max_tokens=512
     )
-    raw = resp["choices"][0]["message"].get("content") or ""
+    raw = ""
     try:
+        raw = resp["choices"][0]["message"].get("content") or ""
         doc = json.loads(raw)
         verdict = LEVEL_TO_VERDICT[doc["verdict"]]
         said = {str(a["name"]): bool(a["correctly_identified"]) for a in doc["aspects"]}
@@ -152,26 +153,6 @@ def preference_pair(outcome: JudgeOutcome, category: CategorySchema, image: Imag
         verdict=outcome.verdict,
         model=outcome.model,
     )
-
-
-def judge_event(event: AspectEvent, categories: CategoryRegistry) -> tuple[JudgeOutcome, PreferencePair | None] | None:
-    """Judge a streamed AspectEvent against its seller listing, MACE-refined (rules) into the reference.
-
-    None when there is nothing to judge against (no seller title). A category without a schema is judged
-    with the generic one, as the worker enriched it. The pair
-    (bottom two verdicts) points at the event's first image; without images no pair is made.
-    """
-    if not event.seller_title:
-        return None
-    cat = categories.resolve(event.category)
-    ref = refine(event.listing_id, event.seller_title, event.seller_aspects, cat)
-    aspects = {a.name: a.value for a in event.aspects}
-    j = reference_judge(event.title, aspects, ref.title, ref.aspects)
-    outcome = to_outcome(
-        j, event.listing_id, event.source_event_id, event.category, event.title, aspects, event.model, (ref.title, ref.aspects)
-    )
-    pair = preference_pair(outcome, cat, event.images[0]) if event.images else None
-    return outcome, pair
 
 
 @dataclass

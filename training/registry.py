@@ -93,7 +93,7 @@ class ModelRegistry:
     """The registry at ``root`` (see the module contract)."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # commands may run from another folder than the one that named it
         self.models = self.root / "models"
         self.deployments = self.root / "deployments"
 

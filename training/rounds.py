@@ -110,7 +110,9 @@ def write_pairs_file(path: Path, pairs: Iterable[PreferencePair]) -> int:
     """The round's frozen training set (what ``opal train dpo --pairs`` reads); returns the count."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [p.model_dump_json() for p in pairs]
-    path.write_text("".join(line + "\n" for line in lines))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(path)  # whole or absent: a resumed round never trains on half a set
     return len(lines)
 
 

@@ -424,5 +424,7 @@ def save_model_folder(
         **{k: str(base[k]) for k in INHERITED if k in base},
         **extra,
     }
-    (out / "opal_model.json").write_text(json.dumps(card, indent=2) + "\n")
+    tmp = out / "opal_model.json.tmp"  # the card last and whole: its presence means "the folder is complete"
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(out / "opal_model.json")
     return card, log

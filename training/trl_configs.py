@@ -184,7 +184,7 @@ def parse_sft_args(argv: Sequence[str]) -> tuple[SftRunConfig, str, frozenset[st
     ``--help`` prints every option and exits."""
     argv = list(argv)
     no_deepspeed = _drop_deepspeed_none(argv)  # `--deepspeed none`: switch the recipe's DeepSpeed off
-    parser = TrlParser((SftRunConfig,), prog="opal train sft")
+    parser = TrlParser((SftRunConfig,), prog="opal train sft", allow_abbrev=False)  # exact names: _explicit matches them
     (config,) = parser.parse_args_and_config(args=argv)
     return with_recipe(config, _explicit(parser, argv) | _yaml_keys(argv) | ({"deepspeed"} if no_deepspeed else set()))
 
@@ -200,7 +200,7 @@ def _drop_deepspeed_none(argv: list[str]) -> bool:
 
 def parse_dpo_args(argv: Sequence[str]) -> DpoRunConfig:
     """Parse ``opal train dpo`` arguments with TRL's parser; ``ValueError`` without --base, --pairs or --out."""
-    (config,) = TrlParser((DpoRunConfig,), prog="opal train dpo").parse_args_and_config(args=list(argv))
+    (config,) = TrlParser((DpoRunConfig,), prog="opal train dpo", allow_abbrev=False).parse_args_and_config(args=list(argv))
     if not config.base_model or not config.pairs or not config.output_dir:
         raise ValueError("opal train dpo needs --base, --pairs and --out (see --help)")
     return config

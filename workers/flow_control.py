@@ -61,12 +61,12 @@ class Quotas:
     backfill: int
 
 
-def quotas(window_size: int, in_flight: Mapping[Lane, int], cap: int, batch_max: int, realtime_taken: int = 0) -> Quotas:
-    """Realtime's quota (the free window, at most ``batch_max``), then backfill's from what is left after
-    ``realtime_taken`` records (call again with it once realtime consumed), bounded by ``cap``."""
+def quotas(window_size: int, in_flight: Mapping[Lane, int], cap: int, batch_max: int) -> Quotas:
+    """Realtime's quota (the free window, at most ``batch_max``), and backfill's from what is left, bounded by
+    ``cap``. Call again once realtime consumed: its new records are in ``in_flight`` then."""
     held = sum(in_flight.values())
     rt = max(0, min(window_size - held, batch_max))
-    room = min(window_size - held - realtime_taken, cap - in_flight.get(Lane.BACKFILL, 0))
+    room = min(window_size - held, cap - in_flight.get(Lane.BACKFILL, 0))
     return Quotas(realtime=rt, backfill=max(0, min(room, batch_max)))
 
 

@@ -55,7 +55,9 @@ def reenrich_event_id(listing_id: str, target: str) -> str:
 def read_latest(
     kafka: KafkaSettings, topic: str, codec: EventCodec[AspectEvent], timeout_s: float = 120
 ) -> tuple[dict[str, AspectEvent], int]:
-    """(latest AspectEvent per listing id, unreadable records) of ``topic`` up to the end offsets reported now."""
+    """(latest AspectEvent per listing id, unreadable records) of ``topic`` up to the end offsets reported now.
+
+    A record counts as unreadable when it is not an AspectEvent or its key is not its listing id."""
     c = make_consumer(kafka, f"opal-reenrich-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False})
     latest: dict[str, AspectEvent] = {}
     unreadable = 0
@@ -78,9 +80,14 @@ def read_latest(
                 latest.pop(key, None)  # a tombstone: the listing is gone
             else:
                 try:
-                    latest[key] = codec.decode(m.value())
+                    ev = codec.decode(m.value())
                 except OpalError:
                     unreadable += 1
+                else:
+                    if ev.listing_id == key:
+                        latest[key] = ev
+                    else:  # keyed under another id (or none): not this listing's current state
+                        unreadable += 1
             if m.offset() + 1 >= _fetched_high(c, topic, m.partition(), todo.get(m.partition(), 0)):
                 todo.pop(m.partition(), None)
     finally:

@@ -126,7 +126,8 @@ def _eval_run(config: Any, out: Path) -> None:
         task = bar.add_task("generating", total=None)
         # no items, in-sample baselines, unreadable data, endpoint down
         with exits_on(ValueError, OSError, OpalError, highlight=False):
-            result = asyncio.run(run_eval(config, progress=lambda done, total: bar.update(task, completed=done, total=total)))
+            progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
+            result = asyncio.run(run_eval(config, current_categories(), progress=progress))
     paths = write_eval(result, out)
     groups, series = plot_series(result)
     title = f"{result.model} on {data.name}/{split} ({len(result.references)} items); {PLOT_NOTE}"

@@ -37,12 +37,12 @@ def loop_round(
     from training.progress import Reporter
 
     s = OpalSettings()
-    config = RoundConfig(
-        registry=s.models.registry,
+    config = RoundConfig(  # absolute paths: the steps run as subprocesses in the repository folder
+        registry=s.models.registry.resolve(),
         deployment=s.models.deployment,
-        shards=shards,
-        data=data,
-        out=out,
+        shards=shards.resolve(),
+        data=data.resolve(),
+        out=out.resolve(),
         split=split,
         limit=limit,
         min_pairs=min_pairs,
@@ -63,8 +63,13 @@ def loop_reenrich(
     version: Annotated[str | None, typer.Option(help="Target model version (default: the deployment's current one).")] = None,
     rate: Annotated[float, typer.Option(min=0.0, help="Events per second at most (0: no limit); backfill yields to realtime.")] = 50.0,
     dry_run: Annotated[bool, typer.Option(help="Count what would be sent; send nothing.")] = False,
+    force: Annotated[bool, typer.Option(help="Send even when OPAL_VLLM_ENDPOINTS do not serve the target version.")] = False,
 ) -> None:
     """Re-publish, on the backfill lane, every listing whose current AspectEvent came from another model version.
+
+    Order after a promotion: restart `opal serve` (it serves the registry's current version), restart the enrich
+    workers (they read the served version at start), then run this. It refuses while the endpoints in
+    OPAL_VLLM_ENDPOINTS serve another version (the workers would answer from the old version's cache).
 
     Reads the aspect topic to its end, keeps each listing's latest event, and sends the stale ones again (event ids
     derived from listing and version: a rerun sends the same events). Run it after a promotion; run it again to see
@@ -85,6 +90,8 @@ def loop_reenrich(
         if current is None:
             raise fail(f"No --version and no current model for deployment {s.models.deployment!r}.")
         version = current.version
+    if not dry_run and not force:
+        _require_served(s.vllm.endpoints, version)
     codecs = CodecSet.of(s.kafka)
     with console.status(f"reading {s.topics.aspects} to its end ..."), exits_on(TimeoutError, OpalError, highlight=False):
         latest, unreadable = read_latest(s.kafka, s.topics.aspects, codecs[AspectEvent])
@@ -110,3 +117,23 @@ def loop_reenrich(
     t.add_row("sent on the backfill lane" + (" (dry run: none)" if dry_run else ""), str(sent))
     console.print(t)
     print(f"reenrich: {sent} listings re-published for {version}; {p.at_target} of {p.listings} already at it", flush=True)
+
+
+def _require_served(endpoints: list[str], version: str) -> None:
+    """Exit 2 unless some endpoint serves ``<name>@<version>`` (none configured: a warning, the operator's call)."""
+    import httpx
+
+    if not endpoints:
+        console.print("[yellow]OPAL_VLLM_ENDPOINTS is unset: cannot check that the target version is served[/]")
+        return
+    served: list[str] = []
+    for url in endpoints:
+        try:
+            served += [m["id"] for m in httpx.get(f"{url.rstrip('/')}/models", timeout=10).json().get("data", [])]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            raise fail(f"cannot list the models at {url}: {e}") from None
+    if not any(m.endswith(f"@{version}") for m in served):
+        raise fail(
+            f"{version} is not served at {', '.join(endpoints)} (serving: {', '.join(served) or 'nothing'}).",
+            " Restart `opal serve` and the enrich workers on the promoted version first, or pass --force.",
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from opal.commands.common import console, exits_on, in_model_env
+from opal.commands.common import console, current_categories, exits_on, in_model_env
 
 app = typer.Typer(help="Train OPAL models: SFT and DPO (runs in the model environment).", no_args_is_help=True)
 
@@ -43,7 +43,7 @@ def train_sft(ctx: typer.Context) -> None:
     console.print(t)
     console.print(effective.summary, highlight=False)
     with exits_on(ValueError, OSError):
-        result = run_sft(config, reporter=reporter, overridden=overridden)
+        result = run_sft(config, categories=current_categories(), reporter=reporter, overridden=overridden)
     out, base = Path(str(config.output_dir)), Path(str(config.base_model))
     losses = result.losses()
     png = line_png({"training loss": losses}, out / "loss.png", f"SFT of {base.name}: {result.items} items") if losses else None
@@ -78,7 +78,7 @@ def train_dpo(ctx: typer.Context) -> None:
     with exits_on(ValueError):
         config = parse_dpo_args(ctx.args)
     with exits_on(ValueError, OSError):
-        result = run_dpo(config)
+        result = run_dpo(config, current_categories())
     out, base = Path(str(config.output_dir)), Path(str(config.base_model))
     margins = result.margins()
     losses = logged(result.log, "loss")

@@ -63,4 +63,13 @@ def test_stale_listings_are_republished_on_the_backfill_lane_idempotently(settin
         assert ev.images[0].uri == f"file:///data/{ev.listing_id}.jpg" and ev.seller_title == "white tote"
     assert reenrich().returncode == 0  # a rerun sends the same events (same ids): recognisable downstream
     again = read_to_end(s, s.topics.images_backfill, EventCodec(ListingImageEvent))
+    unserved = subprocess.run(  # an endpoint that cannot say what it serves: refused, nothing sent
+        [opal_bin(), "loop", "reenrich", "--version", "v2"],
+        capture_output=True,
+        text=True,
+        env=env | {"OPAL_VLLM_ENDPOINTS": '["http://127.0.0.1:9/v1"]'},
+        cwd=REPO,
+        timeout=120,
+    )
+    assert unserved.returncode == 2 and "cannot list the models" in unserved.stdout, unserved.stdout
     assert sorted(ev.event_id for _, ev in again) == sorted(2 * [reenrich_event_id("old-1", "v2"), reenrich_event_id("old-2", "v2")])
