@@ -470,6 +470,8 @@ class OpalSettings(BaseSettings):
     def _judge_endpoint_is_a_url(cls, v: JudgeSettings) -> JudgeSettings:
         if v.endpoint and not v.endpoint.startswith(("http://", "https://")):
             raise ValueError(f"judge endpoint {mask_url(v.endpoint)!r} must start with http:// or https://")
+        if v.endpoint and split_userinfo(v.endpoint)[1] is not None:  # it would show in every log and table
+            raise ValueError(f"judge endpoint {mask_url(v.endpoint)!r} holds credentials: put the token in OPAL_JUDGE_API_KEY")
         return v
 
     def describe(self) -> list[tuple[str, str, str]]:

@@ -63,6 +63,7 @@ def canary_env(redis_url: str = f"redis://:{CANARY}@127.0.0.1:6379/0", *, printa
         "OPAL_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://idp.example/oauth2/token",
         "OPAL_REDIS_URL": redis_url,
         "OPAL_VLLM_API_KEY": CANARY,
+        "OPAL_JUDGE_API_KEY": CANARY,
     }
     if printable_only:
         env["OPAL_KAFKA_SCHEMA_REGISTRY_URL"] = f"https://opal:{CANARY}@registry.example:8081"
@@ -330,6 +331,13 @@ def test_debug_worker_leaks_no_secret(stack: EmbeddedStack, settings: OpalSettin
         assert CANARY not in text, f"canary in {where}: ...{text[max(0, text.find(CANARY) - 300) : text.find(CANARY) + 100]}"
     for key, value, headers in dead:
         assert CANARY.encode() not in key + value + headers
+
+
+def test_a_judge_endpoint_with_credentials_is_refused_without_echoing_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPAL_JUDGE_ENDPOINT", f"https://opal:{CANARY}@judge.example/v1")
+    with pytest.raises(ValueError, match="OPAL_JUDGE_API_KEY") as e:
+        OpalSettings()
+    assert CANARY not in str(e.value)
 
 
 def test_canary_env_is_complete() -> None:
