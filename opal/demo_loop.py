@@ -34,7 +34,7 @@ from opal.embedded import settings_env
 from opal.loop import RoundConfig, run_round
 from opal.vllm_server import start_vllm
 from schemas.events import AspectEvent, JudgeOutcome, ListingImageEvent, PreferencePair
-from schemas.serde import CodecSet
+from schemas.serde import CodecSet, EventCodec
 from schemas.settings import OpalSettings
 from training.progress import Reporter
 from training.registry import ModelRegistry
@@ -72,11 +72,11 @@ def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
             proc.wait()
 
 
-def _count_until(s: OpalSettings, topic: str, decode: object, expected: int, timeout_s: float) -> int:
-    """Distinct keys on ``topic`` (read to its end, polled) once ``expected`` are there or ``timeout_s`` passed."""
+def _count_until(s: OpalSettings, topic: str, codec: EventCodec[JudgeOutcome], expected: int, timeout_s: float) -> int:
+    """Distinct listings on ``topic`` (read to its end, polled) once ``expected`` are there or ``timeout_s`` passed."""
     deadline = time.monotonic() + timeout_s
     while True:
-        latest, _ = read_latest(s.kafka, topic, decode, timeout_s=30)  # type: ignore[arg-type]
+        latest, _ = read_latest(s.kafka, topic, codec, timeout_s=30)
         if len(latest) >= expected or time.monotonic() >= deadline:
             return len(latest)
         time.sleep(1.0)
@@ -102,7 +102,7 @@ def run_loop(console: Console, s: OpalSettings, samples: Path, model_dir: Path, 
             outcomes = _count_until(s, s.topics.judge_outcomes, codecs[JudgeOutcome], judged, timeout_s=180)
     finally:
         _stop(judge)
-    pairs_on_topic = _count_until(s, s.topics.preferences, codecs[PreferencePair], 0, timeout_s=0)
+    pairs_on_topic = len(read_latest(s.kafka, s.topics.preferences, codecs[PreferencePair], key_of=lambda p: p.pair_id)[0])
     console.print(f"[bold]7.[/] judge agent: {outcomes} listings judged, {pairs_on_topic} bottom verdicts became preference pairs")
     shards = loop_dir / "preferences"
     version = events[0].model.version

@@ -805,14 +805,7 @@ def build_worker(settings: OpalSettings, metrics: WorkerMetrics | None = None) -
         repetition_penalty=settings.vllm.repetition_penalty,
         frequency_penalty=settings.vllm.frequency_penalty,
     )
-    loader = ImageLoader(
-        w.allowed_file_root,
-        w.allowed_http_hosts,
-        w.image_max_bytes,
-        w.image_max_pixels,
-        w.image_fetch_timeout_s,
-        allow_private_addresses=w.allow_private_addresses,
-    )
+    loader = ImageLoader.from_settings(w)
     cache = ResultCache(settings.redis.url_value(), settings.redis.cache_ttl_s, settings.redis.key_prefix) if settings.redis.url else None
     return EnrichWorker(
         settings,

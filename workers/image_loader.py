@@ -32,6 +32,7 @@ import httpx
 
 from inference.images import ImageRejectedError, PreparedImage, prepare_image
 from schemas.errors import ErrorKind, OpalError
+from schemas.settings import WorkerSettings
 
 
 class ImageFetchError(OpalError):
@@ -80,6 +81,18 @@ class ImageLoader:
         self.timeout_s = timeout_s
         self.allow_private = allow_private_addresses
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+
+    @classmethod
+    def from_settings(cls, w: WorkerSettings) -> ImageLoader:
+        """The loader the worker settings ask for (allowed root and hosts, byte, pixel and time limits)."""
+        return cls(
+            w.allowed_file_root,
+            w.allowed_http_hosts,
+            w.image_max_bytes,
+            w.image_max_pixels,
+            w.image_fetch_timeout_s,
+            allow_private_addresses=w.allow_private_addresses,
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
@@ -36,6 +37,8 @@ from schemas.events import AspectEvent, Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import KafkaSettings
 from workers.kafka_clients import make_consumer
+
+E = TypeVar("E")
 
 
 @dataclass
@@ -53,13 +56,18 @@ def reenrich_event_id(listing_id: str, target: str) -> str:
 
 
 def read_latest(
-    kafka: KafkaSettings, topic: str, codec: EventCodec[AspectEvent], timeout_s: float = 120
-) -> tuple[dict[str, AspectEvent], int]:
-    """(latest AspectEvent per listing id, unreadable records) of ``topic`` up to the end offsets reported now.
+    kafka: KafkaSettings,
+    topic: str,
+    codec: EventCodec[E],
+    timeout_s: float = 120,
+    key_of: Callable[[E], str] = lambda ev: str(getattr(ev, "listing_id", "")),
+) -> tuple[dict[str, E], int]:
+    """(latest event per key, unreadable records) of a compacted ``topic`` up to the end offsets reported now.
 
-    A record counts as unreadable when it is not an AspectEvent or its key is not its listing id."""
+    A record counts as unreadable when it does not decode or its key is not ``key_of`` of its event (the listing id
+    by default: the aspect and judge-outcome topics; the preference topic is keyed by pair id)."""
     c = make_consumer(kafka, f"opal-reenrich-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False})
-    latest: dict[str, AspectEvent] = {}
+    latest: dict[str, E] = {}
     unreadable = 0
     try:
         todo: dict[int, int] = {}
@@ -84,7 +92,7 @@ def read_latest(
                 except OpalError:
                     unreadable += 1
                 else:
-                    if ev.listing_id == key:
+                    if key_of(ev) == key:
                         latest[key] = ev
                     else:  # keyed under another id (or none): not this listing's current state
                         unreadable += 1

@@ -172,14 +172,7 @@ def worker_judge(
             timeout_s=j.request_timeout_s,
             max_concurrency=4,
         )
-        loader = ImageLoader(
-            w.allowed_file_root,
-            w.allowed_http_hosts,
-            w.image_max_bytes,
-            w.image_max_pixels,
-            w.image_fetch_timeout_s,
-            allow_private_addresses=w.allow_private_addresses,
-        )
+        loader = ImageLoader.from_settings(w)
         judge.load_image = loader.load
         console.print(f"judge: MLLM at {j.endpoint} (rules where it cannot judge)", highlight=False)
     else:

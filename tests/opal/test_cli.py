@@ -71,6 +71,10 @@ def test_demo_runs_end_to_end_then_closes_the_loop(cli_env: dict[str, str]) -> N
     assert candidate in registry.versions() and (registry.current("demo").version == candidate) == (status == "promoted")  # type: ignore[union-attr]
     for step in ("7. judge agent", "8. preference builder", "9. registry", "10. improvement round"):
         assert step in r.stdout, r.stdout[-3000:]
+    flat_out = " ".join(r.stdout.split())
+    judged = re.search(r"7\. judge agent: \d+ listings judged, (\d+) bottom verdicts became preference pairs", flat_out)
+    built = re.search(r"8\. preference builder: (\d+) pairs", flat_out)
+    assert judged and built and judged.group(1) == built.group(1) == pairs, flat_out[-3000:]  # every pair reached the round
     last = demo_line
     m = re.fullmatch(r"demo: (\d+) listings in, (\d+) aspect events out, (\d+) dead letters", last)
     assert m, last
