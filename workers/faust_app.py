@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -27,7 +28,7 @@ from schemas.errors import OpalError
 from schemas.events import DeadLetter
 from schemas.retry import Backoff
 from schemas.serde import EventCodec
-from schemas.settings import OpalSettings
+from schemas.settings import KafkaSettings, OpalSettings
 from workers.circuit import CircuitBreaker
 from workers.intake import dead_letter_for
 
@@ -35,10 +36,41 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def faust_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """The aiokafka credentials for ``kafka``'s security settings (None for PLAINTEXT).
+
+    SSL and SASL_SSL verify the broker against ``ssl_ca_location`` (the system CAs without it) and present
+    the client certificate when one is configured; SASL takes PLAIN and SCRAM. Raises :class:`ValueError` for
+    what the faust agents cannot do (OAUTHBEARER, certificates or keys given as PEM strings): the enrich worker
+    and the indexer (librdkafka) support those. ``OPAL_KAFKA_OVERRIDES`` (librdkafka properties) are ignored
+    with a warning naming them.
+    """
+    if kafka.overrides:  # tuning for librdkafka; named (never their values) so a missing security property shows
+        log.warning("OPAL_KAFKA_OVERRIDES are librdkafka properties; the faust agents ignore them: %s", ", ".join(sorted(kafka.overrides)))
+    if kafka.security_protocol == "PLAINTEXT":
+        return None
+    context = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        if kafka.ssl_certificate_pem or kafka.ssl_key_pem:
+            raise ValueError("the faust agents take the client certificate and key as files (OPAL_KAFKA_SSL_*_LOCATION)")
+        context = ssl.create_default_context(cafile=kafka.ssl_ca_location)
+        if kafka.ssl_certificate_location:
+            password = kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None
+            context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location, password)
+        if kafka.security_protocol == "SSL":
+            return faust.SSLCredentials(context)
+    if kafka.sasl_mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        raise ValueError(f"the faust agents support SASL PLAIN and SCRAM, not {kafka.sasl_mechanism}")
+    password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+    return faust.SASLCredentials(username=kafka.sasl_username, password=password, mechanism=kafka.sasl_mechanism, ssl_context=context)
+
+
 def make_faust_app(settings: OpalSettings, group_id: str) -> faust.App:
+    """The app for one agent; raises ValueError for Kafka security settings the agents cannot apply."""
     return faust.App(
         group_id,
         broker=f"kafka://{settings.kafka.bootstrap}",
+        broker_credentials=faust_credentials(settings.kafka),
         broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
         key_serializer="raw",
         value_serializer="raw",

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from opal.commands.common import console, current_categories, fail, require_kafka, require_redis, resolved_settings
+from opal.commands.common import console, current_categories, exits_on, fail, require_kafka, require_redis, resolved_settings
 from schemas.settings import OpalSettings
 
 app = typer.Typer(help="Long-running stream workers.", no_args_is_help=True)
@@ -185,7 +185,9 @@ def worker_judge(
         console.print(f"judge: MLLM at {j.endpoint} (rules where it cannot judge)", highlight=False)
     else:
         console.print("judge: reference rules (set OPAL_JUDGE_ENDPOINT for the MLLM judge)", highlight=False)
-    _run_faust(build_judge_app(s, judge, counts), counts, "judge agent", log_level)
+    with exits_on(ValueError):  # Kafka security settings the faust agents cannot apply
+        app = build_judge_app(s, judge, counts)
+    _run_faust(app, counts, "judge agent", log_level)
 
 
 def _run_faust(faust_app: Any, counts: Any, title: str, log_level: str) -> None:
@@ -217,5 +219,6 @@ def worker_preferences(
     require_kafka(s)
     require_redis(s)
     counts: Counter[str] = Counter()
-    faust_app = build_preference_app(s, out, counts)
+    with exits_on(ValueError):  # Kafka security settings the faust agents cannot apply
+        faust_app = build_preference_app(s, out, counts)
     _run_faust(faust_app, counts, "preference-set builder", log_level)
