@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from schemas.events import ListingImageEvent
 from schemas.serde import CodecSet
@@ -180,12 +180,22 @@ class GroupLag:
     def __init__(self, consumer: Consumer, topic: str) -> None:
         self._c = consumer
         self.topic = topic
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        try:
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        except KafkaException as e:
+            raise BackfillError(f"cannot reach Kafka: {e}") from None
         if meta is None or meta.error is not None or not meta.partitions:
             raise BackfillError(f"topic {topic} does not exist: run `opal topology apply` first")
         self.partitions = sorted(meta.partitions)
 
     def measure(self, own_ends: dict[int, int]) -> int:
+        """The backlog now; raises :class:`BackfillError` when the broker does not answer within 10 s."""
+        try:
+            return self._measure(own_ends)
+        except KafkaException as e:
+            raise BackfillError(f"cannot read the enrichment group's offsets on {self.topic}: {e}; rerun to resume") from None
+
+    def _measure(self, own_ends: dict[int, int]) -> int:
         committed = self._c.committed([TopicPartition(self.topic, p) for p in self.partitions], timeout=10)
         total = 0
         for tp in committed:
