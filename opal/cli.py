@@ -16,7 +16,24 @@ from typing import Annotated
 import typer
 
 from opal import __version__
-from opal.commands import data, demo, dev, events, experiment, loop, model, schemas, search, serve, settings, topology, train, worker
+from opal.commands import (
+    backfill,
+    data,
+    demo,
+    dev,
+    dlq,
+    events,
+    experiment,
+    loop,
+    model,
+    schemas,
+    search,
+    serve,
+    settings,
+    topology,
+    train,
+    worker,
+)
 from opal.commands import eval as eval_  # the module is named after its command; the alias keeps the builtin eval unshadowed
 from opal.commands.common import console
 
@@ -28,6 +45,7 @@ app.command("demo")(demo.demo)
 app.command("search")(search.search)
 app.command("serve")(serve.serve)
 app.command("generate")(serve.generate)
+app.command("backfill")(backfill.backfill)
 for name, group in (
     ("dev", dev.app),
     ("topology", topology.app),
@@ -35,6 +53,7 @@ for name, group in (
     ("events", events.app),
     ("model", model.app),
     ("worker", worker.app),
+    ("dlq", dlq.app),
     ("eval", eval_.app),
     ("data", data.app),
     ("train", train.app),
