@@ -22,6 +22,8 @@ Contract
   changed while its backfill was unfinished is not resumed (the caller must restart, which
   sends every row again, unchanged rows with the same ids); a changed file whose previous
   backfill finished is a new backfill. A finished, unchanged one is not sent again.
+- **One run per checkpoint**: a run holds an exclusive lock on ``<state>.lock``; a second run
+  of the same inventory (a Job retried while the old pod still runs) stops with an error.
 - :func:`run_backfill` returns after every sent event was acknowledged (or raises
   :class:`BackfillError`: rerun to resume). KeyboardInterrupt stops sending, waits for what
   is in flight, saves the checkpoint and re-raises.
@@ -249,6 +251,41 @@ def run_backfill(
     ck_path = Path(f"{state}.checkpoint.json")
     rejects_path = Path(f"{state}.{'dry-run.' if options.dry_run else ''}rejects.jsonl")
     state.parent.mkdir(parents=True, exist_ok=True)
+    lock = None if options.dry_run else _lock(Path(f"{state}.lock"), label)
+    try:
+        return _run(s, inventory, fmt, state, options, label, image_base, fp, restart, progress, ck_path, rejects_path)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+def _lock(path: Path, label: str) -> Any:
+    """An exclusive lock on ``path`` for as long as the returned file stays open: one run per checkpoint."""
+    import fcntl
+
+    f = path.open("a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BackfillError(f"another backfill of {label} is running (lock {path}); wait for it or stop it first") from None
+    return f
+
+
+def _run(
+    s: OpalSettings,
+    inventory: Path,
+    fmt: Format,
+    state: Path,
+    options: BackfillOptions,
+    label: str,
+    image_base: Path | None,
+    fp: dict[str, Any],
+    restart: bool,
+    progress: Progress | None,
+    ck_path: Path,
+    rejects_path: Path,
+) -> BackfillReport:
     total = count_rows(inventory, fmt)
 
     ck = None if (restart or options.dry_run) else Checkpoint.load(ck_path)
@@ -282,16 +319,24 @@ def run_backfill(
     errors: list[str] = []
 
     rejected_rows: deque[int] = deque()  # rejected in this run, past the saved checkpoint
-    rejected_before = ck.rejected
 
     def save() -> None:
-        nonlocal saved_through, rejected_before
+        """Checkpoint the finished prefix: rejects reach the disk first, and the counts change in one step (a
+        SIGTERM raised in between must not count rows twice)."""
+        nonlocal saved_through
         done = window.done_through
-        while rejected_rows and rejected_rows[0] <= done:
+        newly_rejected = 0
+        for r in rejected_rows:
+            if r > done:
+                break
+            newly_rejected += 1
+        published = ck.published + (done - ck.rows_done) - newly_rejected
+        if not options.dry_run:
+            rejects.flush()
+            os.fsync(rejects.fileno())
+        ck.published, ck.rows_done, ck.rejected = published, done, ck.rejected + newly_rejected
+        for _ in range(newly_rejected):
             rejected_rows.popleft()
-            rejected_before += 1
-        ck.published += (done - ck.rows_done) - (rejected_before - ck.rejected)
-        ck.rows_done, ck.rejected = done, rejected_before
         if not options.dry_run:
             ck.save(ck_path)
         saved_through = ck.rows_done
@@ -339,6 +384,8 @@ def run_backfill(
         try:
             while True:
                 producer.poll(0.25)
+                if errors:  # failed rows stay "in flight" forever: never wait on them
+                    raise BackfillError(f"{len(errors)} events were not acknowledged ({'; '.join(errors[:3])}): rerun to resume")
                 save()
                 report(force=True)
                 if measure_lag() <= options.resume_at:

@@ -422,7 +422,7 @@ class _Sender:
         self.sent = 0
         self.acked = 0
         self.errors: list[str] = []
-        self._t0 = time.monotonic()
+        self._next = 0.0  # when the next record may go
 
     def _delivered(self, err: KafkaError | None, _msg: object) -> None:
         if err is not None:
@@ -431,10 +431,11 @@ class _Sender:
             self.acked += 1
 
     def send(self, r: Replay) -> None:
-        if self.rate_per_s > 0:
-            wait = self._t0 + self.sent / self.rate_per_s - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
+        if self.rate_per_s > 0:  # steady pacing: time spent reading records that do not match earns no burst
+            now = time.monotonic()
+            if self._next > now:
+                time.sleep(self._next - now)
+            self._next = max(self._next, now) + 1 / self.rate_per_s
         while True:
             try:
                 self.producer.produce(r.topic, key=r.key, value=r.value, headers=r.headers, on_delivery=self._delivered)

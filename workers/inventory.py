@@ -5,7 +5,9 @@ One listing per line (JSONL), row (CSV, with a header) or row (Parquet). Columns
 - ``listing_id`` (required), ``category`` (required);
 - ``image_uri`` (one URI) or ``image_uris`` (a list; in CSV a JSON list or URIs separated by ``|``);
   ``http(s)://`` or ``file://``; a relative path is read against the inventory's folder;
-- ``title`` and ``aspects`` (an object of name -> value; in CSV a JSON object), optional.
+- ``title`` and ``aspects`` (an object of name -> value; in CSV a JSON object), optional;
+- ``updated_at`` (ISO 8601; UTC when it names no zone), optional: the listing's own time,
+  carried as the event's ``created_at`` (else the time the event is made).
   Other columns are ignored.
 
 Contract
@@ -15,9 +17,10 @@ Contract
 - Rows come out in file order with an ordinal ``row`` (1, 2, ...) that a checkpoint can count,
   and the ``line`` a person looks up (JSONL, CSV: the line in the file, the header being line 1;
   Parquet: the row number). Blank JSONL lines are not rows.
-- :func:`to_event` is pure: the same row always gives the same event, including its
-  ``event_id`` (derived from the listing's content, so a re-run of the same inventory is
-  recognisable downstream and a changed listing is not mistaken for a repeat). A bad row
+- :func:`to_event` gives the same row the same ``event_id`` and content every time (the id is
+  derived from the listing's content, so a re-run of the same inventory is recognisable
+  downstream and a changed listing is not mistaken for a repeat); only ``published_at`` (and
+  ``created_at`` without ``updated_at``) is the time it is made. A bad row
   raises :class:`RowRejected` with a reason for the rejects file; nothing is dropped silently.
 """
 
@@ -31,6 +34,7 @@ import os
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,18 +131,16 @@ def _jsonl(path: Path, skip: int) -> Iterator[Row]:
 
 
 def _csv(path: Path, skip: int) -> Iterator[Row]:
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's byte-order mark
         reader = csv.DictReader(f)
         _require_columns(list(reader.fieldnames or []), f"the CSV header of {path.name}")
-        start = reader.line_num
         row = 0
         for rec in reader:
             row += 1
             if row <= skip:
-                start = reader.line_num
                 continue
-            line = start + 1
-            start = reader.line_num
+            fields = [v for v in rec.values() if isinstance(v, str)] + [x for x in rec.get(None) or [] if isinstance(x, str)]  # type: ignore[call-overload]
+            line = reader.line_num - sum(v.count("\n") for v in fields)  # the row's first line (blank lines skipped)
             if None in rec:  # more fields than the header
                 yield Row(row, line, None, f"{len(rec[None]) if isinstance(rec[None], list) else 1} more field(s) than the header")
                 continue
@@ -245,6 +247,24 @@ def _aspects(data: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _updated_at(data: dict[str, Any]) -> datetime | None:
+    """The listing's own time (``updated_at``: ISO 8601, UTC when it names no zone): the event's ``created_at``."""
+    raw = data.get("updated_at")
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, datetime):  # Parquet timestamps
+        when = raw
+    elif isinstance(raw, str):
+        try:
+            when = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise RowRejected(f"updated_at {raw[:40]!r} is not an ISO 8601 time") from None
+    else:
+        raise RowRejected(f"updated_at must be an ISO 8601 time, not {type(raw).__name__}")
+    when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).replace(microsecond=when.microsecond // 1000 * 1000)
+
+
 def backfill_event_id(listing_id: str, category: str, uris: list[str], title: str | None, aspects: dict[str, str]) -> str:
     """Deterministic id of one listing's backfill event: the same content always gives the same id."""
     canonical = json.dumps([listing_id, category, uris, title, sorted(aspects.items())], ensure_ascii=False, separators=(",", ":"))
@@ -262,6 +282,7 @@ def to_event(row: Row, base: Path | None) -> ListingImageEvent:
     uris = [_resolve_uri(u, base) for u in _image_uris(data)]
     title = _text(data, "title", required=False)
     aspects = _aspects(data)
+    updated = _updated_at(data)
     try:
         return ListingImageEvent(
             event_id=backfill_event_id(listing_id, category, uris, title, aspects),
@@ -271,6 +292,7 @@ def to_event(row: Row, base: Path | None) -> ListingImageEvent:
             seller_title=title,
             seller_aspects=aspects,
             lane=Lane.BACKFILL,
+            **({"created_at": updated} if updated is not None else {}),
         )
     except ValidationError as e:
         first = e.errors()[0]

@@ -253,6 +253,26 @@ def test_every_object_passes_its_schema(name: str) -> None:
             raise AssertionError(f"{where}: {'.'.join(str(p) for p in getattr(e, 'path', ()))}: {e}") from None
 
 
+def test_the_backfill_job_passes_its_schema_and_runs_opal_backfill() -> None:
+    """deploy/k8s/jobs/backfill.yaml (applied by hand, outside the kustomizations): valid objects, a real `opal backfill`
+    invocation with its checkpoint on the volume, the stream-worker label (Kafka egress) and restricted pods."""
+    import kubernetes_validate
+
+    docs = [d for d in yaml.safe_load_all((K8S / "jobs" / "backfill.yaml").read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    pod = job["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["args"][0] == "backfill" and "--state-dir" in c["args"]
+    state = c["args"][c["args"].index("--state-dir") + 1]
+    assert any(m["mountPath"] == state for m in c["volumeMounts"])
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "stream-worker"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
+    command, ctx = opal_command(c["args"])
+    assert command == "backfill" and ctx.params["state_dir"] == Path(state) and ctx.params["inventory"].startswith("s3://")
+
+
 def test_the_keda_schema_has_teeth() -> None:
     """A ScaledObject with a number where KEDA wants a string, an undocumented kafka parameter, or a trigger
     without metadata is refused (so the schema is not a pass-everything stub)."""
@@ -783,6 +803,7 @@ def test_readme_describes_what_is_there() -> None:
         "docker/model.Dockerfile",
         "k8s/base",
         "k8s/overlays/prod",
+        "k8s/jobs/backfill.yaml",
         "compose/docker-compose.yml",
         "prometheus/alerts.yml",
         "grafana/opal-dashboard.json",

@@ -90,3 +90,20 @@ def test_tests_mirror_the_packages_and_import_no_test_module() -> None:
             assert len(rel.parts) == 2 and rel.parts[0] in folders, f"{rel}: a test module lives in tests/<package>/"
         bad = re.findall(r"(?:from|import)\s+(tests\.(?:conftest|(?:\w+\.)*test_\w*))", f.read_text())
         assert not bad, f"tests/{rel} imports {bad}: shared helpers belong in tests/support.py"
+
+
+def test_the_cli_loads_in_both_environments() -> None:
+    """`opal` runs in the stream env and (for model commands) in the model env, which has no Kafka client, Redis,
+    faust, boto3 or pyarrow: command modules import layers that need them inside the command, not at module level."""
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    allowed = stdlib | {"__future__", "typer", "rich", "opal", "schemas"} | SHARED_THIRD_PARTY
+    for f in [REPO / "opal" / "cli.py", *sorted((REPO / "opal" / "commands").glob("*.py"))]:
+        tree = ast.parse(f.read_text())
+        for node in tree.body:  # module level only (TYPE_CHECKING blocks are ast.If: not executed)
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            bad = [n for n in names if n.split(".")[0] not in allowed]
+            assert not bad, f"{f.relative_to(REPO)} imports {bad} at module level: import it inside the command"

@@ -210,6 +210,12 @@ def test_sender_paces_retries_a_full_queue_and_raises_unless_all_are_acknowledge
     sender.finish(1)
     assert time.monotonic() - t0 >= 4 / 40 - 0.01  # the 5th record waits for its slot
     assert len(ok.sent) == 5 and sender.acked == 5 and ok.sent[0] == ("t", b"k", b"v", [(REPLAYED_FROM, b"d/0/1")])
+    later = _Sender(_Producer(), rate_per_s=40)  # type: ignore[arg-type]
+    time.sleep(0.3)  # reading records that do not match earns no burst afterwards
+    t1 = time.monotonic()
+    for _ in range(5):
+        later.send(r)
+    assert time.monotonic() - t1 >= 4 / 40 - 0.01
     bad = _Sender(_Producer(fail=True), rate_per_s=0)  # type: ignore[arg-type]
     bad.send(r)
     assert bad.errors  # the caller stops sending at the first error

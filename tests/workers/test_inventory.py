@@ -85,9 +85,12 @@ def test_lines_point_at_the_file(tmp_path: Path) -> None:
     with pytest.raises(RowRejected, match="not JSON"):
         to_event(rows[2], None)
     csv = tmp_path / "inv.csv"
-    csv.write_text('listing_id,category,image_uri,title\na,c,https://h/a,"two\nlines"\nb,c,https://h/b,x,extra\n')
+    csv.write_bytes(  # an Excel byte-order mark, a field over two lines, a blank line
+        '\ufefflisting_id,category,image_uri,title\na,c,https://h/a,"two\nlines"\n\nb,c,https://h/b,x,extra\nc,c,https://h/c\n'.encode()
+    )
     rows = list(open_inventory(csv, "csv"))
-    assert [(r.row, r.line) for r in rows] == [(1, 2), (2, 4)]
+    assert [(r.row, r.line) for r in rows] == [(1, 2), (2, 5), (3, 6)]
+    assert to_event(rows[0], None).seller_title == "two\nlines"
     with pytest.raises(RowRejected, match="more field"):
         to_event(rows[1], None)
 
@@ -104,6 +107,7 @@ def test_lines_point_at_the_file(tmp_path: Path) -> None:
         ({"image_uri": "https://h/a", "aspects": {"Color": {"a": 1}}}, "must be text"),
         ({"image_uri": "https://h/a", "listing_id": "x" * 600}, "listing_id"),
         ({"image_uri": "https://h/a", "title": ["a"]}, "title must be text"),
+        ({"image_uri": "https://h/a", "updated_at": "yesterday"}, "not an ISO 8601 time"),
     ],
 )
 def test_bad_rows_name_their_reason(data: dict[str, Any], reason: str) -> None:
@@ -127,3 +131,10 @@ def test_a_file_without_the_required_columns_fails_as_a_whole(tmp_path: Path) ->
         list(open_inventory(notpq, "parquet"))
     with pytest.raises(InventoryError, match="--format"):
         detect_format("inventory.txt")
+
+
+def test_updated_at_is_the_events_time() -> None:
+    row = Row(1, 1, {"listing_id": "a", "category": "c", "image_uri": "https://h/a", "updated_at": "2026-03-01T10:00:00.123456"})
+    ev = to_event(row, None)
+    assert ev.created_at.isoformat() == "2026-03-01T10:00:00.123000+00:00"
+    assert to_event(row, None).event_id == ev.event_id
