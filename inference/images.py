@@ -56,8 +56,20 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def prepare_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: int = 40_000_000, max_side: int = 1024) -> PreparedImage:
-    """Validate ``data`` and return it ready to send (downscaled to ``max_side`` if larger)."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, checked without decoding a pixel: the format sniffed from the magic bytes, the size
+    (within the pixel bound) and the SHA-256 of the bytes. Enough to look a result up; not enough to send."""
+
+    fmt: str
+    width: int
+    height: int
+    sha256: str
+
+
+def inspect_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: int = 40_000_000) -> ImageHeader:
+    """The cheap checks (empty, byte limit, type by magic, readable header, pixel bound); raises
+    :class:`ImageRejectedError`. The full decode and the bomb checks are :func:`prepare_image`'s."""
     if not data:
         raise ImageRejectedError("image is empty")
     if len(data) > max_bytes:
@@ -68,14 +80,37 @@ def prepare_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as probe:  # reads the header only
                 w, h = probe.size
-                if w * h > max_pixels:
-                    raise ImageRejectedError(f"image is {w}x{h} = {w * h} pixels, limit {max_pixels}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejectedError(f"decompression bomb: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageRejectedError(clean_message(f"corrupt {fmt} image: {type(e).__name__}: {e}", 500)) from None
+    if w * h > max_pixels:
+        raise ImageRejectedError(f"image is {w}x{h} = {w * h} pixels, limit {max_pixels}")
+    return ImageHeader(fmt, w, h, hashlib.sha256(data).hexdigest())
+
+
+def prepare_image(
+    data: bytes,
+    max_bytes: int = 10 * 1024 * 1024,
+    max_pixels: int = 40_000_000,
+    max_side: int = 1024,
+    header: ImageHeader | None = None,
+) -> PreparedImage:
+    """Validate ``data`` and return it ready to send (downscaled to ``max_side`` if larger).
+
+    ``header``, from :func:`inspect_image` of the same bytes with the same limits, skips repeating those checks."""
+    if header is None:
+        header = inspect_image(data, max_bytes, max_pixels)
+    fmt, w, h, sha = header.fmt, header.width, header.height, header.sha256
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
                 probe.verify()
             with Image.open(io.BytesIO(data), formats=[fmt]) as img:
                 img.load()  # full decode: catches truncated bodies verify() misses
-                sha = hashlib.sha256(data).hexdigest()
                 if max(w, h) <= max_side and fmt in ("JPEG", "PNG"):
                     return PreparedImage(data, ALLOWED_FORMATS[fmt], w, h, sha)
                 rgb = img.convert("RGB")

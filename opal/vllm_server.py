@@ -106,6 +106,39 @@ def _health(url: str) -> bool:
         return False
 
 
+def _warm_up(url: str, settings: VllmSettings, timeout_s: float, proc: ManagedProcess) -> None:
+    """One listing request through the real client (a bundled sample photo, the generic schema, logprobs, the
+    configured penalties); raises :class:`ServiceStartError` when it fails."""
+    import asyncio
+
+    from inference.client import ListingClient
+    from opal.samples import SAMPLE_DIR
+
+    photo = sorted((SAMPLE_DIR / "images").glob("*.jpg"))[0].read_bytes()
+
+    async def once() -> float:
+        async with ListingClient(
+            [url],
+            api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+            max_concurrency=1,
+            timeout_s=timeout_s,
+            max_retries=0,
+            repetition_penalty=settings.repetition_penalty,
+            frequency_penalty=settings.frequency_penalty,
+        ) as client:
+            t0 = time.perf_counter()
+            await client.generate([photo], "opal-warm-up")  # no schema of its own: the generic one
+            return time.perf_counter() - t0
+
+    try:
+        took = asyncio.run(once())
+    except Exception as e:  # the server cannot serve what the workers will ask
+        raise ServiceStartError(f"vLLM's warm-up request failed: {type(e).__name__}: {e}. Log tail:\n{proc.log_tail(40)}") from None
+    with proc.log_path.open("a") as f:
+        f.write(f"[opal] warm-up request answered in {took:.1f} s\n")
+    log.info("vLLM warm-up request answered in %.1f s", took)
+
+
 def start_vllm(
     model_dir: Path,
     settings: VllmSettings,
@@ -115,8 +148,11 @@ def start_vllm(
     timeout_s: float = 300.0,
     attached: bool = True,
     stop_grace_s: float = 5.0,
+    warm_up: bool = True,
 ) -> tuple[ManagedProcess, str]:
-    """Start the server; returns (process, base URL ending in /v1) once /health is 200.
+    """Start the server; returns (process, base URL ending in /v1) once /health is 200 and, with ``warm_up``, once
+    it answered one listing request with the options the client always uses (an image, structured output,
+    logprobs): the first such request compiles kernels (~20 s on 2 CPU cores), and it should not be a user's.
 
     The returned process's ``stop()`` ends the API server and every process it started
     (engine core, workers, resource tracker), SIGKILLing what ignores SIGTERM, and
@@ -145,6 +181,8 @@ def start_vllm(
                     log.info("%s", placement.describe())
                     with proc.log_path.open("a") as f:  # O_APPEND: interleaves safely with the server's own lines
                         f.write(f"[opal] {placement.describe()}\n")
+                if warm_up:
+                    _warm_up(base + "/v1", settings, max(1.0, deadline - time.monotonic()), proc)
                 return proc, base + "/v1"
             time.sleep(0.5)
         raise ServiceStartError(f"vLLM not healthy after {timeout_s:.0f} s. Log tail:\n{proc.log_tail(40)}")

@@ -1,10 +1,13 @@
 """Fetch listing images safely: file:// under one allowed root, http(s):// from an
 allow-list of hosts, with byte, time and pixel limits.
 
-Contract of :meth:`ImageLoader.load`
-- Returns the image prepared by :func:`inference.images.prepare_image` (type sniffed,
-  fully decodable, under the pixel limit: decompression bombs refused; downscaled if
-  large), with the SHA-256 of the bytes as fetched: decoded once, sent as it is.
+Contract of :meth:`ImageLoader.fetch`, :meth:`ImageLoader.prepare` and :meth:`ImageLoader.load`
+- :meth:`fetch` returns the bytes as fetched with their header checked
+  (:func:`inference.images.inspect_image`: type sniffed, header readable, under the byte and
+  pixel limits) and their SHA-256, without decoding a pixel: enough for a cache look-up.
+- :meth:`prepare` decodes fully (decompression bombs and truncated bodies refused) and
+  downscales if large: the image a model request may carry. CPU-bound; thread-safe.
+- :meth:`load` is both: the image prepared, with the SHA-256 of the bytes as fetched.
 - Raises :class:`ImageRejectedError` (not retriable) for a disallowed scheme, path
   or host, a missing file, an HTTP 4xx, a body over the byte limit, or bad bytes.
 - Raises :class:`ImageFetchError` (retriable) for timeouts, connection errors and
@@ -26,13 +29,26 @@ import ipaddress
 import os
 import socket
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from inference.images import ImageRejectedError, PreparedImage, prepare_image
+from inference.images import ImageHeader, ImageRejectedError, PreparedImage, inspect_image, prepare_image
 from schemas.errors import ErrorKind, OpalError
 from schemas.settings import WorkerSettings
+
+
+@dataclass(frozen=True)
+class FetchedImage:
+    """Bytes as fetched, header checked (:func:`inference.images.inspect_image`); not yet decoded."""
+
+    data: bytes
+    header: ImageHeader
+
+    @property
+    def sha256(self) -> str:
+        return self.header.sha256
 
 
 class ImageFetchError(OpalError):
@@ -98,6 +114,15 @@ class ImageLoader:
         await self._http.aclose()
 
     async def load(self, uri: str) -> PreparedImage:
+        """The image at ``uri``, fetched and prepared (see the module contract)."""
+        return self.prepare(await self.fetch(uri))
+
+    def prepare(self, fetched: FetchedImage) -> PreparedImage:
+        """Fully decode and normalise a fetched image; raises :class:`ImageRejectedError` for bad pixels."""
+        return prepare_image(fetched.data, self.max_bytes, self.max_pixels, header=fetched.header)
+
+    async def fetch(self, uri: str) -> FetchedImage:
+        """The bytes at ``uri`` with their header checked and hashed; no pixel is decoded."""
         try:
             parsed = urllib.parse.urlsplit(uri)
             _ = parsed.port  # raises for a port out of range or not a number
@@ -112,7 +137,7 @@ class ImageLoader:
                 raise ImageFetchError(f"GET {_short(uri)} took longer than {self.timeout_s} s", host_dependency(parsed)) from None
         else:
             raise ImageRejectedError(f"scheme {parsed.scheme[:20] or '(none)'!r} not allowed in {_short(uri)}")
-        return prepare_image(data, self.max_bytes, self.max_pixels)  # raises ImageRejectedError
+        return FetchedImage(data, inspect_image(data, self.max_bytes, self.max_pixels))  # raises ImageRejectedError
 
     async def probe(self, dependency: str) -> None:
         """Is the image host named by ``dependency`` (from an :class:`ImageFetchError`) answering?

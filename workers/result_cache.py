@@ -2,7 +2,8 @@
 
 Contract
 - ``get`` returns a stored :class:`CachedListing` or None; ``put`` stores one with
-  the configured TTL. Both are idempotent.
+  the configured TTL. Both are idempotent. Concurrent ``get`` calls made in one turn of the
+  event loop share one MGET (one round trip for a poll batch), each with its own result.
 - A Redis failure never fails the event: ``get`` degrades to a miss and ``put`` to a
   no-op; both count it in ``errors`` and call ``on_error(op)`` (``"get"``, ``"put"``,
   ``"decode"``) so metrics show a sick cache.
@@ -14,6 +15,7 @@ Contract
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -58,7 +60,10 @@ class ResultCache:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.errors = 0
+        self.round_trips = 0  # MGETs sent (look-ups coalesce: fewer than gets under load)
         self.on_error: Callable[[str], None] | None = None
+        self._pending: list[tuple[str, asyncio.Future[bytes | None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def _error(self, op: str) -> None:
         self.errors += 1
@@ -70,8 +75,15 @@ class ResultCache:
         return f"{self.prefix}result:{model_version}:{category}:{digest}"
 
     async def get(self, model_version: str, category: str, digest: str) -> CachedListing | None:
+        """The stored listing or None. Look-ups made in the same turn of the event loop (the records of one poll
+        batch) share one MGET round trip; each still fails alone into a miss (and an error count)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes | None] = loop.create_future()
+        self._pending.append((self.key(model_version, category, digest), fut))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
         try:
-            raw = await self._redis.get(self.key(model_version, category, digest))
+            raw = await fut
         except (RedisError, OSError) as e:
             self._error("get")
             log.warning("result cache get failed (treated as a miss): %s", e)
@@ -86,6 +98,36 @@ class ResultCache:
             self._error("decode")
             log.warning("unreadable cache entry ignored: %s", e)
             return None
+
+    async def _flush(self) -> None:
+        """One MGET for every look-up queued since the last one (after one yield, so a batch's records all queue).
+        Every waiter gets an answer: its value, or the failure (a cancelled flush fails them as a connection error)."""
+        try:
+            await asyncio.sleep(0)
+        except BaseException:
+            batch, self._pending, self._flusher = self._pending, [], None
+            self._fail(batch, ConnectionError("cache look-up ended: cancelled"))
+            raise
+        batch, self._pending, self._flusher = self._pending, [], None
+        try:
+            values = await self._redis.mget([k for k, _ in batch])
+        except (RedisError, OSError) as e:
+            self._fail(batch, e)
+            return
+        except BaseException as e:
+            self._fail(batch, ConnectionError(f"cache look-up ended: {type(e).__name__}"))
+            raise
+        self.round_trips += 1
+        for (_, fut), raw in zip(batch, values, strict=True):
+            if not fut.done():  # a waiter cancelled meanwhile
+                fut.set_result(raw)
+
+    @staticmethod
+    def _fail(batch: list[tuple[str, asyncio.Future[bytes | None]]], error: BaseException) -> None:
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # retrieved: a waiter cancelled meanwhile leaves no "never retrieved" warning
 
     async def put(self, model_version: str, category: str, digest: str, value: CachedListing) -> None:
         try:

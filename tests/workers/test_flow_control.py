@@ -46,6 +46,16 @@ def test_pausing_has_hysteresis_and_follows_the_model_breaker() -> None:
     assert pause(12, set(), bf=12, cap=12) == {(BF, 0), (BF, 1)}
 
 
+def test_a_brief_fill_pauses_nothing() -> None:
+    """A pause drops librdkafka's prefetched records and a resume costs a fetch round trip: only a window that stays
+    full (or backfill at its cap) for PAUSE_AFTER_S is paused; the quotas alone keep the window meanwhile."""
+    brief = flow.PAUSE_AFTER_S / 10
+    assert flow.partitions_to_pause(ASSIGNED, LANES, set(), 64, 64, 0, 64, False, full_for_s=brief) == set()
+    assert flow.partitions_to_pause(ASSIGNED, LANES, set(), 64, 64, 0, 64, False, full_for_s=flow.PAUSE_AFTER_S) == ASSIGNED
+    assert flow.partitions_to_pause(ASSIGNED, LANES, set(), 12, 64, 12, 12, False, capped_for_s=brief) == set()
+    assert flow.partitions_to_pause(ASSIGNED, LANES, set(), 0, 64, 0, 64, True, full_for_s=0) == ASSIGNED  # outage: at once
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     window=st.integers(1, 64),

@@ -1,0 +1,256 @@
+"""Cache-hit records/s per worker core: what one enrich worker core sustains when results come from Redis.
+
+    .venv/bin/python bench/bench_worker.py [--events 20000] [--model models/opal-tiny-abo]
+
+Starts tansu, valkey and vLLM (the shipped tiny model), runs `opal worker enrich` as a
+subprocess, warms the result cache with the 40 sample photos (40 model requests), then
+publishes ``--events`` ListingImageEvents over the same photos (distinct listing ids) and
+measures the worker's CPU seconds (user + system of the whole process, threads included,
+from /proc/<pid>/stat) from publishing them to their last output. CPU time, not wall
+time: the broker and valkey share the 2 cores here.
+
+Then it times each stage of a cache hit on the same data in this process (2,000 records):
+Avro decode + event checks, image read + header checks + hash (no pixel decoded), the cache
+look-up (16 at once: one MGET), the AspectEvent build + Avro encode, and the produce call.
+The rest (asyncio tasks, the consumer, offsets, metrics) is what the worker's CPU per record
+leaves over.
+
+The last line is exactly ``worker: <N> cache-hit records/s per core``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from opal.embedded import EmbeddedStack, free_port  # noqa: E402
+from opal.samples import SAMPLE_DIR, load_samples, sample_event  # noqa: E402
+from opal.vllm_server import start_vllm  # noqa: E402
+from schemas.events import AspectEvent, ListingImageEvent  # noqa: E402
+from schemas.serde import CodecSet  # noqa: E402
+from schemas.settings import OpalSettings, TopicSettings  # noqa: E402
+from topology.admin import apply_topology  # noqa: E402
+from topology.declared import build_topology  # noqa: E402
+from workers.kafka_clients import make_producer  # noqa: E402
+
+TARGET = 5000  # records/s per core (issue 15)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def outputs(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(("opal_enrich_aspect_events_total ", "opal_enrich_dead_letters_total{"))
+    )
+
+
+def wait_outputs(port: int, n: float, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if outputs(port) >= n:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"the worker did not reach {n:.0f} outputs in {timeout_s:.0f} s")
+
+
+def publish(s: OpalSettings, events: list[ListingImageEvent]) -> None:
+    codec = CodecSet.of(s.kafka)[ListingImageEvent]
+    p = make_producer(s.kafka, **{"queue.buffering.max.messages": 200_000})
+    for i, ev in enumerate(events):
+        p.produce(s.topics.images_realtime, key=ev.listing_id.encode(), value=codec.encode(ev))
+        if i % 5_000 == 0:
+            p.poll(0)
+    if p.flush(120):
+        raise SystemExit("events not delivered")
+
+
+def best_us(fn: Callable[[int], object], n: int = 2000, runs: int = 5) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.process_time()
+        for i in range(n):
+            fn(i)
+        best = min(best, time.process_time() - t0)
+    return best / n * 1e6
+
+
+def stages(s: OpalSettings, events: list[ListingImageEvent], model_version: str) -> list[tuple[str, float]]:
+    """Per-stage CPU µs of one cache hit, measured here on the worker's own code paths."""
+    from confluent_kafka import Producer
+
+    from inference.images import PreparedImage
+    from schemas.category import CategoryRegistry
+    from schemas.schema_source import configured_categories
+    from workers.image_loader import ImageLoader
+    from workers.intake import decode_listing_event
+    from workers.result_cache import ResultCache, images_digest
+
+    codec = CodecSet.of(s.kafka)[ListingImageEvent]
+    aspect_codec = CodecSet.of(s.kafka)[AspectEvent]
+    raw = [codec.encode(ev) for ev in events[:40]]
+    categories: CategoryRegistry = configured_categories(s.schemas.paths)
+
+    class _Msg:
+        def __init__(self, value: bytes) -> None:
+            self._v = value
+
+        def value(self) -> bytes:
+            return self._v
+
+    msgs = [_Msg(r) for r in raw]
+    decoded = [decode_listing_event(m, codec, categories, True) for m in msgs]  # type: ignore[arg-type]
+    out: list[tuple[str, float]] = []
+    out.append(("Avro decode + event checks", best_us(lambda i: decode_listing_event(msgs[i % 40], codec, categories, True))))  # type: ignore[arg-type]
+
+    async def io_stages() -> tuple[float, float, list[PreparedImage]]:
+        loader = ImageLoader.from_settings(s.worker.model_copy(update={"allowed_file_root": SAMPLE_DIR}))
+        cache = ResultCache(s.redis.url_value(), s.redis.cache_ttl_s, s.redis.key_prefix)
+        images = [await loader.load(ev.images[0].uri) for ev in decoded]
+        t0 = time.process_time()
+        for i in range(2000):
+            await loader.fetch(decoded[i % 40].images[0].uri)  # what a hit costs: bytes, header checks, hash
+        load_us = (time.process_time() - t0) / 2000 * 1e6
+        keys = [
+            (categories.resolve(ev.category, True).key, images_digest([im.source_sha256])) for ev, im in zip(decoded, images, strict=True)
+        ]
+        t0 = time.process_time()
+        for b in range(125):  # as the worker asks: a poll batch (16) of look-ups at once, one MGET
+            got = await asyncio.gather(*(cache.get(model_version, *keys[(b * 16 + j) % 40]) for j in range(16)))
+            assert all(g is not None for g in got), "the bench reads the worker's cache entries"
+        get_us = (time.process_time() - t0) / 2000 * 1e6
+        await loader.aclose()
+        return load_us, get_us, images
+
+    load_us, get_us, _images = asyncio.run(io_stages())
+    out.append(("image read + header checks + hash (file)", load_us))
+    out.append(("cache look-up (MGET of a 16-record batch)", get_us))
+    hit = _one_hit_event(decoded[0], model_version)
+    out.append(("AspectEvent build + Avro encode", best_us(lambda i: aspect_codec.encode(hit.model_copy()))))
+    p = Producer({"bootstrap.servers": s.kafka.bootstrap or "", "linger.ms": 20})
+    value = aspect_codec.encode(hit)
+
+    def produce(i: int) -> None:
+        p.produce(s.topics.aspects, key=b"k", value=value)
+        p.poll(0)
+
+    out.append(("produce call", best_us(produce)))
+    p.flush(30)
+    return out
+
+
+def _one_hit_event(ev: ListingImageEvent, version: str) -> AspectEvent:
+    from schemas.events import AspectValue, ModelInfo, SchemaCheck
+
+    return AspectEvent(
+        listing_id=ev.listing_id,
+        source_event_id=ev.event_id,
+        category=ev.category,
+        title="t" * 60,
+        aspects=[AspectValue(name=f"A{i}", value="v" * 8, confidence=0.9) for i in range(6)],
+        model=ModelInfo(name=version.split("@")[0], version=version.split("@")[-1]),
+        schema_check=SchemaCheck(valid=True),
+        images=ev.images,
+        seller_title=ev.seller_title,
+        seller_aspects=ev.seller_aspects,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000, help="Cache-hit events measured (at least 20,000 for the record).")
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "opal-tiny-abo")
+    args = ap.parse_args()
+    base = OpalSettings()
+    run_dir = (REPO / ".opal" / "run" / "bench-worker").resolve()
+    s0 = base.model_copy(update={"embedded": base.embedded.model_copy(update={"run_dir": run_dir})})
+    print(f"starting tansu, valkey and vLLM ({args.model.name}) ...", flush=True)
+    with EmbeddedStack(s0) as stack:
+        vllm, url = start_vllm(args.model, stack.settings.vllm, run_dir, timeout_s=600)
+        try:
+            tag = uuid.uuid4().hex[:6]
+            s = stack.settings.model_copy(update={"topics": TopicSettings.suffixed(tag, 3)})
+            from confluent_kafka.admin import AdminClient
+
+            apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+            samples = [sample_event(x) for x in load_samples()]
+            port = free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")} | {
+                "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
+                "OPAL_REDIS_URL": s.redis.url_value(),
+                "OPAL_REDIS_KEY_PREFIX": f"bench-{tag}:",
+                "OPAL_VLLM_ENDPOINTS": f'["{url}"]',
+                "OPAL_WORKER_GROUP_ID": f"bench-{tag}",
+                "OPAL_WORKER_ALLOWED_FILE_ROOT": str(SAMPLE_DIR),
+                "OPAL_JUDGE_CONFIDENCE_BELOW": "0",
+                **{f"OPAL_TOPICS_{k.upper()}": str(v) for k, v in s.topics.model_dump().items()},
+            }
+            worker = subprocess.Popen(
+                [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                print("warming the cache: 40 photos through the model ...", flush=True)
+                publish(s, [ev.model_copy(update={"listing_id": f"warm{i}"}) for i, ev in enumerate(samples)])
+                wait_outputs(port, len(samples), 600)
+                n = args.events
+                events = [
+                    samples[i % len(samples)].model_copy(update={"listing_id": f"b{i}", "event_id": str(uuid.uuid4())}) for i in range(n)
+                ]
+                print(f"publishing {n:,} cache-hit events ...", flush=True)
+                cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
+                publish(s, events)
+                wait_outputs(port, len(samples) + n, 900)
+                cpu, wall = cpu_seconds(worker.pid) - cpu0, time.monotonic() - t0
+            finally:
+                worker.terminate()
+                worker.wait(60)
+            per_us = cpu / n * 1e6
+            print(f"\n{n:,} cache-hit records: worker CPU {cpu:.2f} s ({per_us:,.0f} µs a record), wall {wall:.1f} s ({n / wall:,.0f}/s)")
+            version = _served_version(url)
+            timed = stages(s.model_copy(update={"redis": s.redis.model_copy(update={"key_prefix": f"bench-{tag}:"})}), events, version)
+        finally:
+            vllm.stop()
+    per_record_us = cpu / n * 1e6
+    rate = n / cpu
+    print(f"\n{'stage (this process, 2,000 records)':<44}{'µs':>8}{'share':>8}")
+    for name, us in timed:
+        print(f"{name:<44}{us:>8.0f}{us / per_record_us:>8.0%}")
+    rest = per_record_us - sum(us for _, us in timed)
+    print(f"{'rest: asyncio, consumer, offsets, metrics':<44}{rest:>8.0f}{rest / per_record_us:>8.0%}")
+    print(f"\ntarget {TARGET:,}/s per core: ratio {rate / TARGET:.2f}")
+    print(f"worker: {rate:.0f} cache-hit records/s per core")
+
+
+def _served_version(url: str) -> str:
+    import json
+
+    with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=10) as r:
+        name = json.loads(r.read())["data"][0]["id"]
+    return str(name)  # "<name>@<version>": the worker's cache keys carry it
+
+
+if __name__ == "__main__":
+    main()
