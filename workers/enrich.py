@@ -591,7 +591,7 @@ class EnrichWorker:
         request; once per record, off the event loop (a 3 MP JPEG costs ~40 ms of CPU)."""
         if job.images is None:
             assert job.fetched is not None
-            job.images = [self.loader.prepare(f) for f in job.fetched]
+            job.images = [await asyncio.to_thread(self.loader.prepare, f) for f in job.fetched]
         return job.images
 
     async def _generate(
