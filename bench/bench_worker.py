@@ -139,6 +139,7 @@ def stages(s: OpalSettings, events: list[ListingImageEvent], model_version: str)
             assert all(g is not None for g in got), "the bench reads the worker's cache entries"
         get_us = (time.process_time() - t0) / 2000 * 1e6
         await loader.aclose()
+        await cache.aclose()
         return load_us, get_us, images
 
     load_us, get_us, _images = asyncio.run(io_stages())

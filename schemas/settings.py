@@ -336,7 +336,7 @@ class WorkerSettings(BaseModel):
         "false: dead-letter it as unknown_category.",
     )
     batch_max_size: int = Field(16, ge=1, description="Most events taken from one poll.")
-    max_in_flight: int = Field(64, ge=1, description="Events being processed at once; above it partitions are paused.")
+    max_in_flight: int = Field(64, ge=1, description="Events being processed at once; a window full for 1 s pauses partitions.")
     backfill_share: float = Field(0.2, ge=0, le=1, description="Share of capacity backfill may use while realtime has backlog.")
     max_attempts: int = Field(
         3, ge=1, description="Tries for a failure that may be specific to one record before it is dead-lettered (schemas/retry.py)."

@@ -16,7 +16,8 @@ partitions, consume up to a quota):
   alone keep the window; pausing is for a window that stays full (liveness while not
   consuming, and memory). It waits because a pause drops what librdkafka prefetched and a
   resume costs a fetch round trip: pausing on every brief fill (cache hits finish within
-  milliseconds) held the cache-hit path at 80 records/s on tansu, against 1,500 without.
+  milliseconds) held the cache-hit path at 65-80 records/s on tansu, against ~1,850 without
+  (docs/BENCHMARKS.md).
 
 Properties (``tests/workers/test_flow_control.py``, hypothesis): the window is never exceeded; while
 realtime has backlog and the window has room, realtime's quota is positive and backfill

@@ -64,6 +64,7 @@ class ResultCache:
         self.on_error: Callable[[str], None] | None = None
         self._pending: list[tuple[str, asyncio.Future[bytes | None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def _error(self, op: str) -> None:
         self.errors += 1
@@ -82,6 +83,8 @@ class ResultCache:
         self._pending.append((self.key(model_version, category, digest), fut))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
+            self._flushes.add(self._flusher)  # a strong reference until it ends (asyncio keeps only weak ones)
+            self._flusher.add_done_callback(self._flushes.discard)
         try:
             raw = await fut
         except (RedisError, OSError) as e:
@@ -111,16 +114,17 @@ class ResultCache:
         batch, self._pending, self._flusher = self._pending, [], None
         try:
             values = await self._redis.mget([k for k, _ in batch])
-        except (RedisError, OSError) as e:
+            self.round_trips += 1
+            for (_, fut), raw in zip(batch, values, strict=True):
+                if not fut.done():  # a waiter cancelled meanwhile
+                    fut.set_result(raw)
+        except Exception as e:  # Redis down: each waiter's miss; anything else (a bug) reaches each waiter as it is
             self._fail(batch, e)
-            return
-        except BaseException as e:
-            self._fail(batch, ConnectionError(f"cache look-up ended: {type(e).__name__}"))
+        except BaseException:
+            self._fail(batch, ConnectionError("cache look-up ended: cancelled"))
             raise
-        self.round_trips += 1
-        for (_, fut), raw in zip(batch, values, strict=True):
-            if not fut.done():  # a waiter cancelled meanwhile
-                fut.set_result(raw)
+        finally:
+            self._fail(batch, ConnectionError("cache look-up ended without an answer"))  # no-op once all are answered
 
     @staticmethod
     def _fail(batch: list[tuple[str, asyncio.Future[bytes | None]]], error: BaseException) -> None:

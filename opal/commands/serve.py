@@ -22,6 +22,9 @@ def serve(
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one.")] = 8000,
     timeout_s: Annotated[float, typer.Option(help="Longest wait for /health.")] = 300.0,
     stop_grace_s: Annotated[float, typer.Option(help="On Ctrl-C/SIGTERM: seconds vLLM gets to exit before SIGKILL.")] = 5.0,
+    warm_up: Annotated[
+        bool, typer.Option(help="Report healthy only after one listing request (compiles kernels before the first user's).")
+    ] = True,
 ) -> None:
     """Run a real vLLM OpenAI-compatible server for MODEL until Ctrl-C or SIGTERM.
 
@@ -48,7 +51,7 @@ def serve(
         model, source = entry.path, f" (current of deployment {s.models.deployment})"
     run_dir = s.embedded.run_dir.resolve()
     with console.status(f"starting vLLM on {model} ..."):
-        proc, url = start_vllm(model, s.vllm, run_dir, port=port or None, timeout_s=timeout_s, stop_grace_s=stop_grace_s)
+        proc, url = start_vllm(model, s.vllm, run_dir, port=port or None, timeout_s=timeout_s, stop_grace_s=stop_grace_s, warm_up=warm_up)
     console.print(f"serving [bold]{served_name(model.resolve())}[/]{source} at {url}  (log: {proc.log_path}); Ctrl-C stops it")
     print(f"export OPAL_VLLM_ENDPOINTS='[\"{url}\"]'", flush=True)
     try:

@@ -75,3 +75,21 @@ def test_decompression_bomb_rejected_without_decoding() -> None:
         prepare_image(data)
     with pytest.raises(ImageRejectedError, match="pixels, limit"):  # our own limit, below Pillow's
         prepare_image(_png(3000, 3000), max_pixels=5_000_000)
+
+
+def test_header_checks_refuse_a_png_whose_text_chunks_inflate() -> None:
+    """Opening a PNG decompresses its text chunks: a few KB inflating to megabytes are refused at the header check."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    from inference.images import ImageRejectedError, inspect_image
+
+    info = PngImagePlugin.PngInfo()
+    for i in range(4):
+        info.add_text(f"k{i}", "a" * 900_000, zip=True)  # ~1 KB each on disk, 900 KB inflated
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
+    assert len(buf.getvalue()) < 20_000
+    with pytest.raises(ImageRejectedError, match="corrupt PNG"):
+        inspect_image(buf.getvalue())
