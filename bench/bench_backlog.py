@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from opal.embedded import EmbeddedStack  # noqa: E402
+from opal.embedded import EmbeddedStack, settings_env  # noqa: E402
 from opal.samples import load_samples, sample_event  # noqa: E402
 from opal.vllm_server import start_vllm  # noqa: E402
 from schemas.events import ListingImageEvent  # noqa: E402
@@ -60,17 +60,9 @@ def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, flo
             p.poll(0)
     p.flush(120)
     print(f"  published {n} events in {time.perf_counter() - t0:.1f} s", flush=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
-    env.update(
-        {
-            "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
-            "OPAL_REDIS_URL": s.redis.url_value(),
-            "OPAL_VLLM_ENDPOINTS": f'["{url}"]',
-            "OPAL_WORKER_GROUP_ID": f"bench-{tag}",
-            "OPAL_WORKER_ALLOWED_FILE_ROOT": str(REPO / "data" / "sample"),
-            **{f"OPAL_TOPICS_{k.upper()}": str(v) for k, v in topics.model_dump().items()},
-        }
-    )
+    outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+    s = s.model_copy(update={"worker": s.worker.model_copy(update={"allowed_file_root": REPO / "data" / "sample"})})
+    env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}"}
     port = 9400 + int(tag[:2], 16) % 100
     w = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],

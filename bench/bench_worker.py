@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from opal.embedded import EmbeddedStack, free_port  # noqa: E402
+from opal.embedded import EmbeddedStack, free_port, settings_env  # noqa: E402
 from opal.samples import SAMPLE_DIR, load_samples, sample_event  # noqa: E402
 from opal.vllm_server import start_vllm  # noqa: E402
 from schemas.events import AspectEvent, ListingImageEvent  # noqa: E402
@@ -123,7 +123,7 @@ def stages(s: OpalSettings, events: list[ListingImageEvent], model_version: str)
     out.append(("Avro decode + event checks", best_us(lambda i: decode_listing_event(msgs[i % 40], codec, categories, True))))  # type: ignore[arg-type]
 
     async def io_stages() -> tuple[float, float, list[PreparedImage]]:
-        loader = ImageLoader.from_settings(s.worker.model_copy(update={"allowed_file_root": SAMPLE_DIR}))
+        loader = ImageLoader.from_settings(s.worker)
         cache = ResultCache(s.redis.url_value(), s.redis.cache_ttl_s, s.redis.key_prefix)
         images = [await loader.load(ev.images[0].uri) for ev in decoded]
         t0 = time.process_time()
@@ -189,22 +189,20 @@ def main() -> None:
         vllm, url = start_vllm(args.model, stack.settings.vllm, run_dir, timeout_s=600)
         try:
             tag = uuid.uuid4().hex[:6]
-            s = stack.settings.model_copy(update={"topics": TopicSettings.suffixed(tag, 3)})
+            s = stack.settings.model_copy(
+                update={
+                    "topics": TopicSettings.suffixed(tag, 3),
+                    "redis": stack.settings.redis.model_copy(update={"key_prefix": f"bench-{tag}:"}),
+                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": SAMPLE_DIR}),
+                }
+            )
             from confluent_kafka.admin import AdminClient
 
             apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
             samples = [sample_event(x) for x in load_samples()]
             port = free_port()
-            env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")} | {
-                "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
-                "OPAL_REDIS_URL": s.redis.url_value(),
-                "OPAL_REDIS_KEY_PREFIX": f"bench-{tag}:",
-                "OPAL_VLLM_ENDPOINTS": f'["{url}"]',
-                "OPAL_WORKER_GROUP_ID": f"bench-{tag}",
-                "OPAL_WORKER_ALLOWED_FILE_ROOT": str(SAMPLE_DIR),
-                "OPAL_JUDGE_CONFIDENCE_BELOW": "0",
-                **{f"OPAL_TOPICS_{k.upper()}": str(v) for k, v in s.topics.model_dump().items()},
-            }
+            outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+            env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}"}
             worker = subprocess.Popen(
                 [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
                 env=env,
@@ -231,7 +229,7 @@ def main() -> None:
             per_us = cpu / n * 1e6
             print(f"\n{n:,} cache-hit records: worker CPU {cpu:.2f} s ({per_us:,.0f} µs a record), wall {wall:.1f} s ({n / wall:,.0f}/s)")
             version = _served_version(url)
-            timed = stages(s.model_copy(update={"redis": s.redis.model_copy(update={"key_prefix": f"bench-{tag}:"})}), events, version)
+            timed = stages(s, events, version)
         finally:
             vllm.stop()
     per_record_us = cpu / n * 1e6

@@ -74,38 +74,12 @@ def read_topic(s: OpalSettings, topic: str, codec: EventCodec[Any], n: int, time
 
 
 def read_to_end(s: OpalSettings, topic: str, codec: EventCodec[Any], timeout_s: float = 60) -> list[tuple[Any, Any]]:
-    """Every record ``topic`` holds now: each partition from its start to the end offset the broker reports when
-    called (so: call it once the writers stopped and their outputs were acknowledged). Raises an AssertionError
-    when the end is not reached within ``timeout_s``; no waiting for silence."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+    """Every record ``topic`` holds now (:func:`workers.kafka_clients.messages_to_end`: each partition to the end it
+    has when called; so call it once the writers stopped and their outputs were acknowledged), decoded. Raises
+    TimeoutError when the end is not reached within ``timeout_s``; no waiting for silence."""
+    from workers.kafka_clients import messages_to_end
 
-    from workers.kafka_clients import make_consumer
-
-    c = make_consumer(s.kafka, f"reader-{uuid.uuid4().hex[:6]}", **{"enable.auto.commit": False})
-    try:
-        partitions = c.list_topics(topic, timeout=10).topics[topic].partitions
-        todo: dict[int, int] = {}
-        for p in partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                todo[p] = high
-        ends = dict(todo)
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-        out: list[tuple[Any, Any]] = []
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{topic}: end offsets {ends} not reached in {timeout_s:g} s; partitions left {todo}")
-            m = c.poll(0.3)
-            if m is None or m.error():
-                continue
-            out.append((m.key(), codec.decode(m.value())))
-            _, fetched_high = c.get_watermark_offsets(TopicPartition(topic, m.partition()), cached=True)
-            if m.offset() + 1 >= max(todo.get(m.partition(), 0), fetched_high or 0):  # tansu's ListOffsets end is low
-                todo.pop(m.partition(), None)
-        return out
-    finally:
-        c.close()
+    return [(m.key(), codec.decode(m.value())) for m in messages_to_end(s.kafka, topic, timeout_s)]
 
 
 def worker_events(images: Path, n: int, lane: Lane = Lane.REALTIME, prefix: str = "l") -> list[ListingImageEvent]:

@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
 from schemas.settings import KafkaSettings
 
@@ -52,3 +55,34 @@ def make_consumer(kafka: KafkaSettings, group_id: str, **extra: Any) -> Consumer
         }
     )
     return Consumer(conf)
+
+
+def messages_to_end(kafka: KafkaSettings, topic: str, timeout_s: float = 60) -> Iterator[Message]:
+    """Every record ``topic`` holds now, from each partition's start to its end when called (no consumer group,
+    nothing committed); raises TimeoutError when the ends are not reached within ``timeout_s``.
+
+    A partition's end is the larger of the listed high-water mark and the one of the last fetch response: tansu's
+    ListOffsets counts batches, not records (8 records in one batch: end offset 1), so the listed end alone stops
+    early there; a fetch response carries the right mark on tansu and Kafka alike.
+    """
+    c = make_consumer(kafka, f"opal-read-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False})
+    try:
+        todo: dict[int, int] = {}
+        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                todo[p] = high
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{topic}: the end of partitions {sorted(todo)} was not reached in {timeout_s:g} s")
+            m = c.poll(0.3)
+            if m is None or m.error():
+                continue
+            yield m
+            _, fetched = c.get_watermark_offsets(TopicPartition(topic, m.partition()), cached=True)
+            if m.offset() + 1 >= max(todo.get(m.partition(), 0), fetched or 0):
+                todo.pop(m.partition(), None)
+    finally:
+        c.close()

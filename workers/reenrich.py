@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import KafkaError, Producer
 
 from schemas.errors import OpalError
 from schemas.events import AspectEvent, Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import KafkaSettings
-from workers.kafka_clients import make_consumer
+from workers.kafka_clients import messages_to_end
 
 E = TypeVar("E")
 
@@ -66,51 +65,23 @@ def read_latest(
 
     A record counts as unreadable when it does not decode or its key is not ``key_of`` of its event (the listing id
     by default: the aspect and judge-outcome topics; the preference topic is keyed by pair id)."""
-    c = make_consumer(kafka, f"opal-reenrich-{uuid.uuid4().hex[:8]}", **{"enable.auto.commit": False})
     latest: dict[str, E] = {}
     unreadable = 0
-    try:
-        todo: dict[int, int] = {}
-        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                todo[p] = high
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-        deadline = time.monotonic() + timeout_s
-        while todo:
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{topic}: the end of partitions {sorted(todo)} was not reached in {timeout_s:g} s")
-            m = c.poll(0.3)
-            if m is None or m.error():
-                continue
-            key = (m.key() or b"").decode(errors="replace")
-            if m.value() is None:
-                latest.pop(key, None)  # a tombstone: the listing is gone
-            else:
-                try:
-                    ev = codec.decode(m.value())
-                except OpalError:
-                    unreadable += 1
-                else:
-                    if key_of(ev) == key:
-                        latest[key] = ev
-                    else:  # keyed under another id (or none): not this listing's current state
-                        unreadable += 1
-            if m.offset() + 1 >= _fetched_high(c, topic, m.partition(), todo.get(m.partition(), 0)):
-                todo.pop(m.partition(), None)
-    finally:
-        c.close()
+    for m in messages_to_end(kafka, topic, timeout_s):
+        key = (m.key() or b"").decode(errors="replace")
+        if m.value() is None:
+            latest.pop(key, None)  # a tombstone: the listing is gone
+            continue
+        try:
+            ev = codec.decode(m.value())
+        except OpalError:
+            unreadable += 1
+            continue
+        if key_of(ev) == key:
+            latest[key] = ev
+        else:  # keyed under another id (or none): not this listing's current state
+            unreadable += 1
     return latest, unreadable
-
-
-def _fetched_high(c: Consumer, topic: str, partition: int, listed_high: int) -> int:
-    """The partition's end: the high-water mark of the last fetch response, or the listed one if larger.
-
-    tansu's ListOffsets answer counts batches, not records (8 records in one batch: end offset 1), so the listed
-    end alone would stop early there; a fetch response carries the right high-water mark on tansu and Kafka alike.
-    """
-    _, fetched = c.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-    return max(listed_high, fetched or 0)
 
 
 def plan(latest: dict[str, AspectEvent], target: str, unreadable: int = 0) -> Plan:

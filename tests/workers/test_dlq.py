@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from schemas.errors import OpalError
@@ -48,7 +48,7 @@ from workers.dlq import (
     replay_lanes,
 )
 from workers.enrich import run_worker
-from workers.kafka_clients import make_consumer, make_producer
+from workers.kafka_clients import make_producer, messages_to_end
 
 DL = EventCodec(DeadLetter)
 EV = EventCodec(ListingImageEvent)
@@ -239,29 +239,9 @@ class _Rec:
 
 
 def _records(s: OpalSettings, topic: str) -> list[_Rec]:
-    """Every record ``topic`` holds now, with headers and position (ends found as tests/support.read_to_end does)."""
-    c = make_consumer(s.kafka, f"raw-{uuid.uuid4().hex[:6]}", **{"enable.auto.commit": False})
-    try:
-        todo = {}
-        for p in c.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                todo[p] = high
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
-        out: list[_Rec] = []
-        deadline = time.monotonic() + 30
-        while todo:
-            assert time.monotonic() < deadline, f"{topic}: partitions {todo} not read to the end"
-            m = c.poll(0.3)
-            if m is None or m.error():
-                continue
-            out.append(_Rec(m.key(), m.value(), dict(m.headers() or []), m.partition(), m.offset()))
-            _, fetched = c.get_watermark_offsets(TopicPartition(topic, m.partition()), cached=True)
-            if m.offset() + 1 >= max(todo.get(m.partition(), 0), fetched or 0):
-                todo.pop(m.partition(), None)
-        return sorted(out, key=lambda r: (r.partition, r.offset))
-    finally:
-        c.close()
+    """Every record ``topic`` holds now, with headers and position."""
+    out = [_Rec(m.key(), m.value(), dict(m.headers() or []), m.partition(), m.offset()) for m in messages_to_end(s.kafka, topic, 30)]
+    return sorted(out, key=lambda r: (r.partition, r.offset))
 
 
 def _dead_letters(s: OpalSettings) -> list[tuple[_Rec, DeadLetter]]:
