@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -169,19 +169,26 @@ class CategorySchema(BaseModel):
         """``<category>@v<version>``, ``generic@v<version>`` for the fallback: the schema a listing was checked against."""
         return f"{'generic' if self.generic else self.category}@v{self.version}"
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """12 hex digits of a hash over everything that shapes a generated listing (aspects, title bound, name):
-        an edit that forgot to bump :attr:`version` still changes it."""
+        an edit that forgot to bump :attr:`version` still changes it. Computed once per (frozen) schema."""
         body = self.model_dump(mode="json", exclude={"version", "generic"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
 
-    @property
+    @cached_property
     def key(self) -> str:
         """What a generated listing depends on besides model and image: :attr:`ref` and :attr:`digest`, and for the
         generic schema also the category it stands in for (the prompt names it). Part of the result-cache key, so a
         schema update misses the cache."""
         return f"{self.category}~{self.ref}#{self.digest}" if self.generic else f"{self.ref}#{self.digest}"
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> CategorySchema:
+        """A copy (with ``update`` applied); its :attr:`digest` and :attr:`key` are computed afresh, not copied."""
+        copied = super().model_copy(update=update, deep=deep)
+        for cached in ("digest", "key"):
+            copied.__dict__.pop(cached, None)
+        return copied
 
     def standing_in_for(self, category: str) -> CategorySchema:
         """This (generic) schema renamed for ``category`` (made slug-safe, at most 64 characters), marked generic."""
@@ -195,12 +202,17 @@ def generic_schema() -> CategorySchema:
     return CategorySchema.model_validate(json.loads(GENERIC_FILE.read_text()))
 
 
+STAND_INS_KEPT = 4096
+"""Generic stand-ins a registry keeps made (one per category without a schema; a category name is input)."""
+
+
 class CategoryRegistry:
     """All category schemas of a folder, by slug, and the generic schema for the rest."""
 
     def __init__(self, schemas: Mapping[str, CategorySchema], generic: CategorySchema | None = None) -> None:
         self._schemas = dict(schemas)
         self._generic = generic or generic_schema()
+        self._standing: dict[str, CategorySchema] = {}  # generic stand-ins made so far (their keys computed once)
 
     @classmethod
     def load(cls, directory: Path = CATEGORY_DIR) -> CategoryRegistry:
@@ -243,7 +255,12 @@ class CategoryRegistry:
             return found
         if not fallback:
             raise UnknownCategoryError(category, list(self._schemas))
-        return self._generic.standing_in_for(category)
+        stand_in = self._standing.get(category)
+        if stand_in is None:
+            if len(self._standing) >= STAND_INS_KEPT:  # categories are open-ended input: keep a bounded set
+                self._standing.clear()
+            stand_in = self._standing[category] = self._generic.standing_in_for(category)
+        return stand_in
 
     def __contains__(self, category: object) -> bool:
         return category in self._schemas

@@ -70,7 +70,7 @@ class StoredSchema:
 
     @classmethod
     def from_dict(cls, folder: str, version: int, raw: dict[str, Any]) -> StoredSchema:
-        parsed = fastavro.parse_schema(raw, _write_hint=False)
+        parsed = fastavro.parse_schema(raw)  # with the write hint: schemaless_reader/writer take it without parsing again
         canonical = to_parsing_canonical_form(parsed)
         fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))  # little-endian, per the Avro spec
         return cls(folder, version, raw, parsed, canonical, fp)

@@ -110,6 +110,9 @@ class _Job:
     task: asyncio.Task[None] | None = None
     attempts: int = 0  # tries that counted against the record (outages do not)
     fetched: list[FetchedImage] | None = None  # fetched and header-checked once, reused by retries
+    image_ms: float = 0.0  # time spent fetching them
+    event: ListingImageEvent | None = None  # decoded once (by the batch pass), reused by retries
+    error: BaseException | None = None  # a failure of the batch pass, for _process to handle as its first attempt's
     images: list[PreparedImage] | None = None  # decoded once (only on a cache miss), reused by retries
     listing_id: str | None = None
 
@@ -169,6 +172,11 @@ class EnrichWorker:
         self.metrics = metrics or WorkerMetrics()
         self.tracker = OffsetTracker()
         self.jobs: dict[tuple[str, int, int], _Job] = {}
+        self._held = dict.fromkeys(Lane, 0)  # records held per lane (the jobs of each lane, counted as they come and go)
+        self._to_store: dict[tuple[str, int], int] = {}  # offsets to store after the current delivery reports
+        # metric children bound once (a labels() look-up per record costs more than the increment)
+        self._m_consumed = {lane: self.metrics.consumed.labels(lane.value) for lane in Lane}
+        self._m_in_flight = {lane: self.metrics.in_flight.labels(lane.value) for lane in Lane}
         self.assigned: set[tuple[str, int]] = set()
         self.paused: set[tuple[str, int]] = set()
         self.model_version = ""
@@ -211,8 +219,8 @@ class EnrichWorker:
         self.metrics.schema_categories.set(len(self.schemas.registry))
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _consumer_of(self, topic: str) -> Consumer:
-        return self.consumers[self.lanes.get(topic, Lane.BACKFILL)]
+    def _lane_of(self, topic: str) -> Lane:
+        return self.lanes.get(topic, Lane.BACKFILL)
 
     def subscribe(self) -> None:
         for lane, consumer in self.consumers.items():
@@ -282,8 +290,7 @@ class EnrichWorker:
                 q = flow.quotas(window, self._in_flight(), self._backfill_cap(window), self.w.batch_max_size)
                 if q.realtime > 0 or self._lane_paused(Lane.REALTIME):  # paused consumers are still polled (callbacks, liveness)
                     got = self._consume(Lane.REALTIME, max(1, q.realtime), 0)
-                    for m in got:
-                        self._start(m)
+                    self._start_batch(got)
                     if got:
                         self._last_rt = time.monotonic()
                 # backfill only up to its cap (the whole window when realtime is idle)
@@ -294,8 +301,7 @@ class EnrichWorker:
                     # a worker whose records finish within a loop turn spent most of its time in that block
                     timeout = 0 if (self.jobs or got) else IDLE_BLOCK_S
                     bf = self._consume(Lane.BACKFILL, max(1, q.backfill), timeout)
-                    for m in bf:
-                        self._start(m)
+                    self._start_batch(bf)
                     got += bf
                 if got:
                     self.metrics.batch_size.observe(len(got))
@@ -340,7 +346,7 @@ class EnrichWorker:
             while lane not in self._joined and time.monotonic() < deadline:
                 consumer.poll(0.1)
                 await asyncio.sleep(0)
-        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        tasks = {j.task for j in self.jobs.values() if j.task is not None and not j.task.done()}
         if tasks:
             await asyncio.wait(tasks, timeout=grace_s)
         deadline = time.monotonic() + grace_s
@@ -362,10 +368,10 @@ class EnrichWorker:
         return flow.window(self._latencies, self.w.max_in_flight, self.w.max_model_latency_s)
 
     def _lane_in_flight(self, lane: Lane) -> int:
-        return sum(1 for j in self.jobs.values() if j.lane is lane)
+        return self._held[lane]
 
     def _in_flight(self) -> dict[Lane, int]:
-        return {lane: self._lane_in_flight(lane) for lane in Lane}
+        return dict(self._held)
 
     def _update_lag(self) -> None:
         now = time.monotonic()
@@ -511,17 +517,101 @@ class EnrichWorker:
             stopping.cancel()
         return not self._stopping.is_set()
 
-    # -- per record ------------------------------------------------------------------------
-    def _start(self, msg: Message) -> None:
+    # -- per poll batch ----------------------------------------------------------------------
+    def _start_batch(self, msgs: list[Message]) -> None:
+        """Hold a poll batch's records and start one task for all of them (:meth:`_run_batch`)."""
+        if not msgs:
+            return
+        jobs = [self._start(m) for m in msgs]
+        task = asyncio.create_task(self._run_batch(jobs))
+        task.add_done_callback(self._task_done)
+        for job in jobs:
+            job.task = task
+
+    def _start(self, msg: Message) -> _Job:
+        """Hold one record: tracked for its offset, counted in its lane's window."""
         topic, part, off = msg.topic(), msg.partition(), msg.offset()
-        lane = self.lanes.get(topic, Lane.BACKFILL)
-        self.metrics.consumed.labels(lane.value).inc()
+        lane = self._lane_of(topic)
+        self._m_consumed[lane].inc()
         self.tracker.add(topic, part, off)
         job = _Job(msg, lane, time.monotonic())
+        replaced = self.jobs.get((topic, part, off))
+        if replaced is not None:  # consumed again after a rebalance while its first copy is still out
+            self._held[replaced.lane] -= 1
         self.jobs[(topic, part, off)] = job
-        self.metrics.in_flight.labels(lane.value).inc()
+        self._held[lane] += 1
+        self._m_in_flight[lane].inc()
+        return job
+
+    def _spawn(self, job: _Job) -> None:
+        """Give a record a task of its own (:meth:`_process`): a cache miss, or a failure of the batch pass."""
         job.task = asyncio.create_task(self._process(job))
         job.task.add_done_callback(self._task_done)
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        """A poll batch's cache hits, stage by stage, in one task: decode every record, read and header-check its
+        images (local files in place, http(s) fetches concurrently), one MGET for the batch, then build, encode and
+        produce each hit. No pixel is decoded and no task is made per record on this path.
+
+        A record that misses the cache, or fails at any stage, continues in a task of its own (:meth:`_process`),
+        keeping what was done (decoded event, fetched bytes); a stage's failure is handled there as its first
+        attempt's, so retries, breakers and dead letters have one code path. Outputs go out as on that path: the
+        offset is stored once the broker acknowledged them (:meth:`_deliveries`).
+        """
+        fallback = self.w.generic_fallback
+        per_prompt = self.s.vllm.images_per_prompt
+        ready: list[tuple[_Job, ListingImageEvent]] = []
+        remote: list[tuple[_Job, ListingImageEvent]] = []
+        for job in jobs:
+            try:
+                event = job.event = decode_listing_event(job.msg, self.codec, self.categories, fallback)
+                job.listing_id = event.listing_id
+                t0 = time.perf_counter()
+                local = [self.loader.fetch_local(img.uri) for img in event.images[:per_prompt]]
+                if any(f is None for f in local):
+                    remote.append((job, event))  # an http(s) image: fetched below, with the others
+                    continue
+                job.fetched = [f for f in local if f is not None]
+                job.image_ms = (time.perf_counter() - t0) * 1000
+                ready.append((job, event))
+            except Exception as e:
+                job.error = e
+                self._spawn(job)
+        if remote:
+            fetched = await asyncio.gather(*(self._fetch_images(event, job) for job, event in remote), return_exceptions=True)
+            for (job, event), result in zip(remote, fetched, strict=True):
+                if isinstance(result, BaseException):
+                    job.error = result
+                    self._spawn(job)
+                else:
+                    ready.append((job, event))
+        keyed: list[tuple[_Job, ListingImageEvent, CategorySchema, str]] = []
+        for job, event in ready:
+            try:
+                schema = self.categories.resolve(event.category, fallback)
+                keyed.append((job, event, schema, images_digest([f.sha256 for f in job.fetched or ()])))
+            except Exception as e:  # the schema set changed while http images were fetched
+                job.error = e
+                self._spawn(job)
+        if not keyed:
+            return
+        if self.cache is not None:
+            cached = await self.cache.get_many([(self.model_version, schema.key, digest) for _, _, schema, digest in keyed])
+        else:
+            cached = [None] * len(keyed)
+        hits = 0
+        for (job, event, schema, digest), entry in zip(keyed, cached, strict=True):
+            if entry is None:
+                self._spawn(job)  # a miss: to the model (after its own look-up: a request in flight may store it meanwhile)
+                continue
+            try:
+                out = self._hit_event(event, job, schema, digest, entry, job.image_ms)
+                self._produce(job, self.s.topics.aspects, event.listing_id.encode(), self.aspect_codec.encode(out), None)
+                hits += 1
+            except Exception as e:
+                job.error = e
+                self._spawn(job)
+        self.metrics.cache_hits.inc(hits)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         """A record's task must end in an output or a fatal stop; an escaped exception is fatal (replay)."""
@@ -536,8 +626,11 @@ class EnrichWorker:
         while True:
             job.attempts += 1
             try:
-                event = decode_listing_event(msg, self.codec, self.categories, self.w.generic_fallback)
-                job.listing_id = event.listing_id
+                if job.error is not None:  # the batch pass failed on this record: this attempt's failure
+                    error, job.error = job.error, None
+                    raise error
+                event = job.event or decode_listing_event(msg, self.codec, self.categories, self.w.generic_fallback)
+                job.event, job.listing_id = event, event.listing_id
                 out = await self._enrich(event, job)
                 self._produce(job, self.s.topics.aspects, event.listing_id.encode(), self.aspect_codec.encode(out), None)
                 return
@@ -583,12 +676,14 @@ class EnrichWorker:
         reuses them (a retry after a failed fetch fetches again, since nothing was kept)."""
         if job.fetched is not None:
             return job.fetched
+        t0 = time.perf_counter()
         fetched = []
         for img in event.images[: self.s.vllm.images_per_prompt]:
             fetched.append(await self.loader.fetch(img.uri))
             if img.uri.startswith(("http://", "https://")) and self._deps:
                 self._answered(host_dependency(urllib.parse.urlsplit(img.uri)))
         job.fetched = fetched
+        job.image_ms = (time.perf_counter() - t0) * 1000
         return fetched
 
     async def _prepared(self, job: _Job) -> list[PreparedImage]:
@@ -653,23 +748,14 @@ class EnrichWorker:
         return result, aspects
 
     async def _enrich(self, event: ListingImageEvent, job: _Job) -> AspectEvent:
-        t0 = time.perf_counter()
         fetched = await self._fetch_images(event, job)
-        image_ms = (time.perf_counter() - t0) * 1000
+        image_ms = job.image_ms
         digest = images_digest([f.sha256 for f in fetched])
         schema = self.categories.resolve(event.category, self.w.generic_fallback)
         cached = await self.cache.get(self.model_version, schema.key, digest) if self.cache else None
         if cached is not None:
             self.metrics.cache_hits.inc()
-            check = SchemaCheck(
-                valid=cached.valid,
-                unknown_keys=cached.unknown_keys,
-                invalid_values=cached.invalid_values,
-                missing_required=cached.missing_required,
-            )
-            aspects = [AspectValue(name=n, value=v, confidence=c) for n, v, c in cached.aspects]
-            model = ModelInfo(name=cached.model_name, version=cached.model_version)
-            return self._aspect_event(event, job, schema, digest, cached.title, aspects, model, check, Timings(image_ms=image_ms), True)
+            return self._hit_event(event, job, schema, digest, cached, image_ms)
         self.metrics.cache_misses.inc()
         t0 = time.perf_counter()
         images = await self._prepared(job)
@@ -677,6 +763,21 @@ class EnrichWorker:
         result, aspects = await self._generate(images, schema, digest)
         timings = Timings(queued_ms=result.queued_ms, image_ms=image_ms, inference_ms=result.inference_ms)
         return self._aspect_event(event, job, schema, digest, result.listing.title, aspects, result.model, result.check, timings, False)
+
+    @classmethod
+    def _hit_event(
+        cls, event: ListingImageEvent, job: _Job, schema: CategorySchema, digest: str, cached: CachedListing, image_ms: float
+    ) -> AspectEvent:
+        """The AspectEvent of a cache hit: the stored listing and the schema check it got when generated."""
+        check = SchemaCheck(
+            valid=cached.valid,
+            unknown_keys=cached.unknown_keys,
+            invalid_values=cached.invalid_values,
+            missing_required=cached.missing_required,
+        )
+        aspects = [AspectValue(name=n, value=v, confidence=c) for n, v, c in cached.aspects]
+        model = ModelInfo(name=cached.model_name, version=cached.model_version)
+        return cls._aspect_event(event, job, schema, digest, cached.title, aspects, model, check, Timings(image_ms=image_ms), True)
 
     @staticmethod
     def _aspect_event(
@@ -758,40 +859,59 @@ class EnrichWorker:
         dead-lettered as ``output_too_large`` only when it alone is over ``_BROKER_SAFE_BYTES``;
         a smaller one is produced again on its own (up to 3 tries), then the worker stops (replay).
         """
+        produced = 0
         while self._reports:
-            r = self._reports.pop(0)
-            if r.err is None:
-                if r.dead_reason is None:
-                    self.metrics.produced.inc()
+            reports, self._reports = self._reports, []
+            for r in reports:
+                if r.err is None:
+                    if r.dead_reason is None:
+                        produced += 1
+                    else:
+                        self.metrics.dead_lettered.labels(r.dead_reason).inc()
+                    self._finish(r.job)
+                    continue
+                size = len(r.value) + len(r.key or b"")
+                if r.err.code() in _TOO_LARGE and r.dead_reason is None and size > _BROKER_SAFE_BYTES:
+                    self._dead_letter(r.job, OutputTooLargeError(f"AspectEvent of {size} bytes refused by the broker: {r.err.str()}"))
+                elif r.err.code() in _TOO_LARGE and r.tries < 3:
+                    try:
+                        self._produce(r.job, r.topic, r.key, r.value, r.dead_reason, r.tries + 1)  # its batch was refused, not it
+                    except Exception as e:
+                        self._fatal = FatalWorkerError(f"produce to {r.topic} failed again for {_where(r.job.msg)}: {e}; offset not stored")
                 else:
-                    self.metrics.dead_lettered.labels(r.dead_reason).inc()
-                self._finish(r.job)
-                continue
-            size = len(r.value) + len(r.key or b"")
-            if r.err.code() in _TOO_LARGE and r.dead_reason is None and size > _BROKER_SAFE_BYTES:
-                self._dead_letter(r.job, OutputTooLargeError(f"AspectEvent of {size} bytes refused by the broker: {r.err.str()}"))
-            elif r.err.code() in _TOO_LARGE and r.tries < 3:
-                try:
-                    self._produce(r.job, r.topic, r.key, r.value, r.dead_reason, r.tries + 1)  # its batch was refused, not it
-                except Exception as e:
-                    self._fatal = FatalWorkerError(f"produce to {r.topic} failed again for {_where(r.job.msg)}: {e}; offset not stored")
-            else:
-                self._fatal = FatalWorkerError(
-                    f"produce to {r.topic} failed for {_where(r.job.msg)}: {r.err}; offset not stored, will replay"
-                )
+                    self._fatal = FatalWorkerError(
+                        f"produce to {r.topic} failed for {_where(r.job.msg)}: {r.err}; offset not stored, will replay"
+                    )
+        if produced:
+            self.metrics.produced.inc(produced)
+        self._store_offsets()
 
     def _finish(self, job: _Job) -> None:
+        """The record's output is acknowledged: release it; its offset is stored with the others of this round of
+        reports (:meth:`_store_offsets`) once every offset before it on its partition has finished too."""
         msg = job.msg
         key = (msg.topic(), msg.partition(), msg.offset())
-        self.jobs.pop(key, None)
+        released = self.jobs.pop(key, None)
+        if released is not None:
+            self._held[released.lane] -= 1
         self.outputs += 1
-        self.metrics.in_flight.labels(job.lane.value).dec()
+        self._m_in_flight[job.lane].dec()
         nxt = self.tracker.finish(*key)
-        if nxt is not None and (key[0], key[1]) in self.assigned:
-            try:
-                self._consumer_of(key[0]).store_offsets(offsets=[TopicPartition(key[0], key[1], nxt)])
-            except Exception as e:
-                log.warning("could not store offset %s: %s", key, e)
+        if nxt is not None:
+            self._to_store[(key[0], key[1])] = nxt
+
+    def _store_offsets(self) -> None:
+        """Store the newest finished prefix of each partition still assigned: one call per lane's consumer."""
+        if not self._to_store:
+            return
+        todo, self._to_store = self._to_store, {}
+        for lane, consumer in self.consumers.items():
+            tps = [TopicPartition(t, p, o) for (t, p), o in todo.items() if (t, p) in self.assigned and self._lane_of(t) is lane]
+            if tps:
+                try:
+                    consumer.store_offsets(offsets=tps)
+                except Exception as e:
+                    log.warning("could not store offsets %s: %s", [(tp.topic, tp.partition, tp.offset) for tp in tps], e)
 
     def _commit(self, consumer: Consumer) -> None:
         """Synchronously commit what has been stored (nothing stored is not an error)."""

@@ -28,6 +28,7 @@ import errno
 import ipaddress
 import os
 import socket
+import stat
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,36 @@ def _errno_text(e: OSError) -> str:
     return f"{name} ({e.strerror or 'no message'})"
 
 
+def _under_prefix(root: str) -> str:
+    """What every path under ``root`` starts with (``/data`` -> ``/data/``; ``/`` stays ``/``)."""
+    return root if root.endswith(os.sep) else root + os.sep
+
+
+def _opened_path(fd: int, path: str) -> str:
+    """Where the open file ``fd`` (opened by ``path``) really is: the kernel's answer on Linux, else realpath."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _read_fd(fd: int, size: int, max_bytes: int) -> bytes:
+    """All bytes of the open regular file (``size`` from fstat; it may grow meanwhile), refusing more than ``max_bytes``."""
+    data = os.read(fd, min(size, max_bytes) + 1)
+    if len(data) <= size:
+        return data  # a short read of a regular file is its end
+    chunks, total = [data], len(data)
+    while total <= max_bytes:
+        more = os.read(fd, max_bytes + 1 - total)
+        if not more:
+            break
+        chunks.append(more)
+        total += len(more)
+    if total > max_bytes:
+        raise ImageRejectedError(f"image file grew past the limit of {max_bytes} bytes while read")
+    return b"".join(chunks)
+
+
 class ImageLoader:
     def __init__(
         self,
@@ -90,7 +121,12 @@ class ImageLoader:
         timeout_s: float,
         allow_private_addresses: bool = False,
     ) -> None:
-        self.root = allowed_file_root.resolve() if allowed_file_root else None
+        self.root = allowed_file_root.resolve() if allowed_file_root else None  # the one resolve of the root
+        # what a path must lie under: the root as resolved, and as configured (a root reached through a link);
+        # the file actually opened is then checked against the resolved root by the kernel's answer
+        self._lexical_roots = (
+            tuple({_under_prefix(str(self.root)), _under_prefix(os.path.abspath(allowed_file_root))}) if allowed_file_root else ()
+        )
         self.hosts = {h.lower() for h in allowed_http_hosts}
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
@@ -123,20 +159,29 @@ class ImageLoader:
 
     async def fetch(self, uri: str) -> FetchedImage:
         """The bytes at ``uri`` with their header checked and hashed; no pixel is decoded."""
+        local = self.fetch_local(uri)
+        if local is not None:
+            return local
+        parsed = urllib.parse.urlsplit(uri)  # http(s): fetch_local parsed and checked it already
+        try:
+            data = await asyncio.wait_for(self._load_http(uri, parsed), self.timeout_s)  # whole-download limit
+        except TimeoutError:
+            raise ImageFetchError(f"GET {_short(uri)} took longer than {self.timeout_s} s", host_dependency(parsed)) from None
+        return FetchedImage(data, inspect_image(data, self.max_bytes, self.max_pixels))  # raises ImageRejectedError
+
+    def fetch_local(self, uri: str) -> FetchedImage | None:
+        """:meth:`fetch` for what needs no network, without the event loop: a file:// image, or the refusal of a
+        URI (unparsable, scheme not allowed). None for an http(s) URI: :meth:`fetch` it. Same errors as fetch."""
         try:
             parsed = urllib.parse.urlsplit(uri)
             _ = parsed.port  # raises for a port out of range or not a number
         except ValueError as e:  # e.g. an invalid IPv6 literal or port
             raise ImageRejectedError(f"unparsable image URI {_short(uri)}: {e}") from None
-        if parsed.scheme == "file":
-            data = self._load_file(parsed)
-        elif parsed.scheme in ("http", "https"):
-            try:
-                data = await asyncio.wait_for(self._load_http(uri, parsed), self.timeout_s)  # whole-download limit
-            except TimeoutError:
-                raise ImageFetchError(f"GET {_short(uri)} took longer than {self.timeout_s} s", host_dependency(parsed)) from None
-        else:
+        if parsed.scheme in ("http", "https"):
+            return None
+        if parsed.scheme != "file":
             raise ImageRejectedError(f"scheme {parsed.scheme[:20] or '(none)'!r} not allowed in {_short(uri)}")
+        data = self._load_file(parsed)
         return FetchedImage(data, inspect_image(data, self.max_bytes, self.max_pixels))  # raises ImageRejectedError
 
     async def probe(self, dependency: str) -> None:
@@ -162,21 +207,37 @@ class ImageLoader:
             raise ImageFetchError(f"probe of {base} answered HTTP {r.status_code}", dependency)
 
     def _load_file(self, parsed: urllib.parse.SplitResult) -> bytes:
+        """The file's bytes, when the file the kernel opened is a regular file under the root.
+
+        No per-record resolve: the path must lie under the root as written (after normalising ``..``), and the
+        file actually opened (symbolic links followed by the kernel) must lie under the resolved root, read back
+        from ``/proc/self/fd`` (``os.path.realpath`` where there is no /proc). The open is non-blocking, so a FIFO
+        in the root cannot hang the worker; anything but a regular file is refused before a byte is read."""
         if self.root is None:
             raise ImageRejectedError("file:// images are disabled (set OPAL_WORKER_ALLOWED_FILE_ROOT)")
         if parsed.netloc not in ("", "localhost"):
             raise ImageRejectedError(f"file:// URI names a host {parsed.netloc[:100]!r}")
         raw_path = urllib.parse.unquote(parsed.path)
         shown = _short(raw_path)
+        outside = ImageRejectedError(f"file {shown} is outside the allowed root {self.root}")
         try:
-            path = Path(raw_path).resolve()
-            if not path.is_relative_to(self.root):
-                raise ImageRejectedError(f"file {shown} is outside the allowed root {self.root}")
-            size = path.stat().st_size
-            if size > self.max_bytes:
-                raise ImageRejectedError(f"image file is {size} bytes, limit {self.max_bytes}")
-            with path.open("rb") as f:
-                return f.read(self.max_bytes + 1)
+            path = os.path.normpath(os.path.join(os.getcwd(), raw_path) if not os.path.isabs(raw_path) else raw_path)
+            if not any(path.startswith(prefix) for prefix in self._lexical_roots):
+                raise outside
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                if not _opened_path(fd, path).startswith(_under_prefix(str(self.root))):
+                    raise outside
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "is a directory")
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageRejectedError(f"image path {shown} is not a regular file")
+                if st.st_size > self.max_bytes:
+                    raise ImageRejectedError(f"image file is {st.st_size} bytes, limit {self.max_bytes}")
+                return _read_fd(fd, st.st_size, self.max_bytes)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise ImageRejectedError(f"image file not found: {shown}") from None
         except IsADirectoryError:

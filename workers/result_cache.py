@@ -3,7 +3,8 @@
 Contract
 - ``get`` returns a stored :class:`CachedListing` or None; ``put`` stores one with
   the configured TTL. Both are idempotent. Concurrent ``get`` calls made in one turn of the
-  event loop share one MGET (one round trip for a poll batch), each with its own result.
+  event loop share one MGET, each with its own result; ``get_many`` asks for a whole poll
+  batch in one MGET without a waiter per key.
 - A Redis failure never fails the event: ``get`` degrades to a miss and ``put`` to a
   no-op; both count it in ``errors`` and call ``on_error(op)`` (``"get"``, ``"put"``,
   ``"decode"``) so metrics show a sick cache.
@@ -91,6 +92,23 @@ class ResultCache:
             self._error("get")
             log.warning("result cache get failed (treated as a miss): %s", e)
             return None
+        return self._listing(raw)
+
+    async def get_many(self, keys: list[tuple[str, str, str]]) -> list[CachedListing | None]:
+        """The stored listing or None for each ``(model version, schema key, digest)``, in order, with one MGET.
+        A Redis failure makes every one a miss (counted once); an unreadable entry is a miss of its own."""
+        if not keys:
+            return []
+        try:
+            values = await self._redis.mget([self.key(*k) for k in keys])
+        except (RedisError, OSError) as e:
+            self._error("get")
+            log.warning("result cache get of %d keys failed (treated as misses): %s", len(keys), e)
+            return [None] * len(keys)
+        self.round_trips += 1
+        return [self._listing(raw) for raw in values]
+
+    def _listing(self, raw: bytes | None) -> CachedListing | None:
         if raw is None:
             return None
         try:

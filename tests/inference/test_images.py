@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from inference.images import ImageRejectedError, prepare_image, sniff
+from inference.images import ImageRejectedError, PixelBudget, prepare_image, sniff
 from opal.samples import load_samples
 from schemas.errors import ErrorKind
 
@@ -77,8 +77,11 @@ def test_decompression_bomb_rejected_without_decoding() -> None:
         prepare_image(_png(3000, 3000), max_pixels=5_000_000)
 
 
-def test_header_checks_refuse_a_png_whose_text_chunks_inflate() -> None:
-    """Opening a PNG decompresses its text chunks: a few KB inflating to megabytes are refused at the header check."""
+def test_a_png_whose_text_chunks_inflate_costs_the_header_check_nothing_and_is_refused_before_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PIL's open decompresses a PNG's text chunks (64 MB allowed by default; a 66 KB file cost 337 ms): the header
+    check reads IHDR alone, and the full decode allows 2 MB of text, so a few KB inflating to megabytes is refused."""
     import io
 
     from PIL import Image, PngImagePlugin
@@ -91,5 +94,48 @@ def test_header_checks_refuse_a_png_whose_text_chunks_inflate() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG", pnginfo=info)
     assert len(buf.getvalue()) < 20_000
+    with monkeypatch.context() as m:
+        m.setattr(Image, "open", None)  # the header check must not open it with PIL (that inflates the text)
+        header = inspect_image(buf.getvalue())
+    assert (header.width, header.height) == (8, 8)
     with pytest.raises(ImageRejectedError, match="corrupt PNG"):
-        inspect_image(buf.getvalue())
+        prepare_image(buf.getvalue(), header=header)
+
+
+def test_the_pixel_budget_resizes_to_what_the_served_processor_would() -> None:
+    """Qwen2-VL's processor (``smart_resize``): sides in multiples of 28, area within max_pixels, aspect kept. A photo
+    resized to that on the worker is left alone by the server; one within the budget is sent as it is."""
+    budget = PixelBudget.from_preprocessor({"size": {"longest_edge": 12544, "shortest_edge": 3136}, "patch_size": 14, "merge_size": 2})
+    assert budget == PixelBudget(12544, 28)
+    assert PixelBudget.from_preprocessor({"max_pixels": 1003520, "patch_size": 16, "merge_size": 2}) == PixelBudget(1003520, 32)
+    assert PixelBudget.from_preprocessor({"size": {"height": 224, "width": 224}}) is None  # a fixed-size processor: no budget
+    for w, h in [(2000, 1500), (1600, 1600), (3000, 1000), (120, 110)]:
+        tw, th = budget.target(w, h)
+        assert tw % 28 == 0 and th % 28 == 0 and tw * th <= 12544 and abs(tw / th - w / h) < 0.5 * w / h
+        assert budget.target(tw, th) == (tw, th)  # the server's processor would keep it
+    assert budget.target(100, 100) == (100, 100)  # within the budget: never an upscale
+    p = prepare_image(_png(2000, 1500), budget=budget)
+    assert (p.width, p.height) == budget.target(2000, 1500) == (112, 84) and p.mime == "image/jpeg"
+    small = load_samples()[0].image.read_bytes()  # 256 x 256 = 65,536 px: over this budget
+    assert (prepare_image(small, budget=PixelBudget(70_000)).data) == small
+    assert (prepare_image(small, budget=budget).width, prepare_image(small, budget=budget).height) == (112, 112)
+
+
+def test_the_header_size_reader_agrees_with_pil() -> None:
+    """JPEG/PNG sizes come from the frame header without PIL; they must be what PIL reads, for real photos, for
+    progressive JPEGs with EXIF and comments before the frame, and for PNGs; odd headers are left to PIL."""
+    from inference.images import _jpeg_size, _png_size, inspect_image
+
+    photos = [s.image.read_bytes() for s in load_samples()]
+    img = Image.open(io.BytesIO(photos[0])).convert("RGB").resize((301, 177))
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010F] = "OPAL test camera"
+    img.save(buf, format="JPEG", progressive=True, exif=exif.tobytes(), comment=b"x" * 5000)
+    photos.append(buf.getvalue())
+    for data in photos:
+        assert _jpeg_size(data) == Image.open(io.BytesIO(data)).size
+    assert _png_size(_png(123, 45)) == (123, 45) and inspect_image(_png(123, 45)).width == 123
+    assert _jpeg_size(photos[0][:20]) is None and _png_size(_png(10, 10)[:20]) is None  # cut short: PIL says why
+    with pytest.raises(ImageRejectedError, match="corrupt JPEG"):
+        inspect_image(photos[0][:20])

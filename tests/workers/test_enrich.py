@@ -193,9 +193,10 @@ def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, imag
     trace: list[tuple[str, Lane, bool]] = []
     start, finish = EnrichWorker._start, EnrichWorker._finish
 
-    def traced_start(self: EnrichWorker, msg: Any) -> None:
-        start(self, msg)
+    def traced_start(self: EnrichWorker, msg: Any) -> Any:
+        job = start(self, msg)
         trace.append(("start", self.lanes[msg.topic()], Lane.REALTIME in self._joined))
+        return job
 
     def traced_finish(self: EnrichWorker, job: Any) -> None:
         finish(self, job)

@@ -96,3 +96,105 @@ def test_a_truncated_photo_passes_the_header_checks_but_never_reaches_the_model(
 
     with pytest.raises(ImageRejectedError, match="corrupt JPEG"):
         asyncio.run(miss())
+
+
+class FakeMessage:
+    """The parts of a confluent-kafka Message the worker reads."""
+
+    def __init__(self, offset: int, value: bytes) -> None:
+        self._offset, self._value = offset, value
+
+    def topic(self) -> str:
+        return "opal.listing-images.realtime"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return f"k{self._offset}".encode()
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> None:
+        return None
+
+    def error(self) -> None:
+        return None
+
+
+class BatchLoader(CountingLoader):
+    """Local reads for file:// URIs (the batch pass's fetch_local); ``bad.jpg`` is refused."""
+
+    def fetch_local(self, uri: str) -> FetchedImage | None:
+        self.fetches += 1
+        if uri.endswith("bad.jpg"):
+            raise ImageRejectedError("corrupt JPEG image: bad")
+        # each photo its own bytes (its own cache key): the photo with its name appended after the JPEG end
+        data = self.photo + uri.encode()
+        return FetchedImage(data, inspect_image(data))
+
+
+class BatchCache:
+    """MGET-like: a hit for ``hit.jpg``'s digest only; counts round trips."""
+
+    def __init__(self, hit_digest: str) -> None:
+        self.hit_digest = hit_digest
+        self.mgets: list[int] = []
+        self.gets = 0
+
+    async def get_many(self, keys: list[tuple[str, str, str]]) -> list[CachedListing | None]:
+        self.mgets.append(len(keys))
+        return [
+            CachedListing("A red shoe", [("Color", "Red", 0.9)], model_name="m", model_version="v") if k[2] == self.hit_digest else None
+            for k in keys
+        ]
+
+    async def get(self, version: str, schema_key: str, digest: str) -> CachedListing | None:
+        self.gets += 1
+        return None
+
+
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, on_delivery: Any = None) -> None:
+        self.sent.append((topic, key, value))
+
+
+def test_a_poll_batch_is_looked_up_with_one_mget_and_only_misses_and_failures_get_a_task_of_their_own() -> None:
+    from schemas.events import AspectEvent, DeadLetter
+
+    s = OpalSettings()
+    codec: EventCodec[ListingImageEvent] = EventCodec(ListingImageEvent)
+    loader, producer = BatchLoader(), RecordingProducer()
+    hit = PHOTO + b"file:///img/hit.jpg"
+    cache = BatchCache(hashlib.sha256(hit).hexdigest())
+    w = EnrichWorker(s, {}, producer, None, loader, cache, default_categories(), codec, EventCodec(AspectEvent), EventCodec(DeadLetter))  # type: ignore[arg-type]
+
+    def event(i: int, name: str) -> bytes:
+        return codec.encode(ListingImageEvent(listing_id=f"l{i}", category="shoes", images=[ImageRef(uri=f"file:///img/{name}")]))
+
+    values = [event(0, "hit.jpg"), event(1, "miss.jpg"), b"\x00not avro", event(3, "bad.jpg"), event(4, "hit.jpg")]
+    jobs = [w._start(FakeMessage(i, v)) for i, v in enumerate(values)]  # type: ignore[arg-type]
+    spawned: list[_Job] = []
+    w._spawn = spawned.append  # type: ignore[method-assign]
+    asyncio.run(w._run_batch(jobs))
+
+    assert cache.mgets == [3] and cache.gets == 0  # the three records that got as far as the look-up, in one MGET
+    assert [(t, k) for t, k, _ in producer.sent] == [(s.topics.aspects, b"l0"), (s.topics.aspects, b"l4")]
+    hit_event = EventCodec(AspectEvent).decode(producer.sent[0][2])
+    assert hit_event.cache_hit and hit_event.title == "A red shoe" and hit_event.image_sha256 == cache.hit_digest
+    assert [(j.msg.offset(), type(j.error).__name__) for j in spawned] == [(2, "DecodeError"), (3, "ImageRejectedError"), (1, "NoneType")]
+    assert spawned[2].fetched is not None and spawned[2].event is not None  # the miss keeps what the batch did
+
+    # the record's own task takes the batch pass's failure as its first attempt's: a dead letter with the reason
+    asyncio.run(w._process(spawned[0]))
+    asyncio.run(w._process(spawned[1]))
+    dead = [EventCodec(DeadLetter).decode(v) for t, _, v in producer.sent if t == s.topics.dead_letters]
+    assert [(d.origin_offset, d.error_kind, d.attempts) for d in dead] == [(2, "malformed_event", 1), (3, "invalid_image", 1)]
+    assert loader.fetches == 4  # the refused image was not read again
