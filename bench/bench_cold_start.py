@@ -7,12 +7,16 @@ warm-up request unless ``--no-warm-up``), then sends ``--requests`` concurrent l
 through the real client (the 40 sample photos, their categories, logprobs, structured output)
 as soon as it is healthy, then the same batch again. Prints both wall times and their ratio
 (target: the first batch within 2x the second). Also prints how long the start took.
+
+It does that twice: with an empty compile cache (a new machine), then again in a new run dir with the
+compile cache the first start filled (a restart, or another replica on a shared cache volume).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,23 +40,40 @@ async def batch(url: str, n: int) -> float:
         return time.perf_counter() - t0
 
 
+def warm_up_seconds(log: Path) -> float | None:
+    """The warm-up request's time as start_vllm wrote it into the server's log."""
+    found = re.findall(r"warm-up request answered in ([0-9.]+) s", log.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO / "models" / "opal-tiny-abo")
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--no-warm-up", action="store_true")
     args = ap.parse_args()
-    run_dir = (REPO / ".opal" / "run" / f"bench-cold-start-{time.time_ns()}").resolve()  # a fresh cache folder: a real restart
-    t0 = time.perf_counter()
-    proc, url = start_vllm(args.model, VllmSettings(), run_dir, timeout_s=900, warm_up=not args.no_warm_up)
-    started = time.perf_counter() - t0
-    try:
-        first = asyncio.run(batch(url, args.requests))
-        second = asyncio.run(batch(url, args.requests))
-    finally:
-        proc.stop()
-    print(f"start to healthy: {started:.1f} s ({'with' if not args.no_warm_up else 'without'} the warm-up request)")
-    print(f"first {args.requests} requests after healthy: {first:.1f} s; the next {args.requests}: {second:.1f} s")
+    root = (REPO / ".opal" / "run" / f"bench-cold-start-{time.time_ns()}").resolve()
+    settings = VllmSettings(compile_cache_dir=root / "compile-cache")  # nothing compiled yet: a new machine
+    rows = []
+    for start in ("fresh (new machine)", "restart (cache kept)"):
+        t0 = time.perf_counter()
+        proc, url = start_vllm(args.model, settings, root / f"run-{len(rows)}", timeout_s=900, warm_up=not args.no_warm_up)
+        started = time.perf_counter() - t0
+        try:
+            first = asyncio.run(batch(url, args.requests))
+            second = asyncio.run(batch(url, args.requests))
+        finally:
+            proc.stop()
+        rows.append((start, started, warm_up_seconds(proc.log_path), first, second))
+        print(f"{start}: healthy after {started:.1f} s; first {args.requests} requests {first:.1f} s, next {second:.1f} s", flush=True)
+    print(
+        f"\n{'start':<22}{'to healthy s':>13}{'warm-up req s':>15}{'first ' + str(args.requests) + ' s':>11}{'next s':>8}{'first/next':>12}"
+    )
+    for start, started, warm, first, second in rows:
+        shown = "-" if warm is None else f"{warm:.1f}"
+        print(f"{start:<22}{started:>13.1f}{shown:>15}{first:>11.1f}{second:>8.1f}{first / second:>12.2f}")
+    (_, fresh, _, first, second), (_, again, *_) = rows
+    print(f"restart with the compile cache: healthy after {again:.1f} s (fresh {fresh:.1f} s)")
     print(f"cold start: first/steady {first / second:.2f} (target <= 2)")
 
 

@@ -15,6 +15,10 @@ look-up (16 at once: one MGET), the AspectEvent build + Avro encode, and the pro
 The rest (the event loop, the consumer, delivery reports, offsets, metrics) is what the
 worker's CPU per record leaves over.
 
+Then (``--misses``, default 1,000) events whose photos are new to the cache go through the same worker: its
+CPU per model request (decode and checks of the photo, resize, the request, the answer, the cache write, the
+output) is what the worker costs beside the model server.
+
 The last line is exactly ``worker: <N> cache-hit records/s per core``.
 """
 
@@ -35,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from opal.embedded import EmbeddedStack, free_port, settings_env  # noqa: E402
-from opal.samples import SAMPLE_DIR, load_samples, sample_event  # noqa: E402
+from opal.samples import load_samples, sample_event  # noqa: E402
 from opal.vllm_server import start_vllm  # noqa: E402
 from schemas.events import AspectEvent, ListingImageEvent  # noqa: E402
 from schemas.serde import CodecSet  # noqa: E402
@@ -52,13 +56,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def outputs(port: int) -> float:
+def metric(port: int, *prefixes: str) -> float:
+    """The sum of the worker's samples whose line starts with one of ``prefixes`` (one scrape)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(("opal_enrich_aspect_events_total ", "opal_enrich_dead_letters_total{"))
-    )
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefixes))
+
+
+def outputs(port: int) -> float:
+    return metric(port, "opal_enrich_aspect_events_total ", "opal_enrich_dead_letters_total{")
+
+
+def miss_events(samples: list[ListingImageEvent], n: int, folder: Path) -> list[ListingImageEvent]:
+    """``n`` events whose photos are all new to the cache: each a sample photo with a trailer of its own after the
+    JPEG's end (new bytes, new key, same pixels), written under ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        ev = samples[i % len(samples)]
+        path = folder / f"miss{i}.jpg"
+        path.write_bytes(Path(ev.images[0].uri.removeprefix("file://")).read_bytes() + f"opal-bench-{uuid.uuid4()}".encode())
+        image = ev.images[0].model_copy(update={"uri": path.as_uri()})
+        out.append(ev.model_copy(update={"listing_id": f"m{i}", "event_id": str(uuid.uuid4()), "images": [image]}))
+    return out
 
 
 def wait_outputs(port: int, n: float, timeout_s: float) -> None:
@@ -73,11 +92,12 @@ def wait_outputs(port: int, n: float, timeout_s: float) -> None:
     raise SystemExit(f"the worker did not reach {n:.0f} outputs in {timeout_s:.0f} s")
 
 
-def publish(s: OpalSettings, events: list[ListingImageEvent]) -> None:
+def publish(s: OpalSettings, events: list[ListingImageEvent], topic: str | None = None) -> None:
+    """Publish ``events`` (default: on the realtime lane) and wait for every acknowledgement."""
     codec = CodecSet.of(s.kafka)[ListingImageEvent]
     p = make_producer(s.kafka, **{"queue.buffering.max.messages": 200_000})
     for i, ev in enumerate(events):
-        p.produce(s.topics.images_realtime, key=ev.listing_id.encode(), value=codec.encode(ev))
+        p.produce(topic or s.topics.images_realtime, key=ev.listing_id.encode(), value=codec.encode(ev))
         if i % 5_000 == 0:
             p.poll(0)
     if p.flush(120):
@@ -179,6 +199,7 @@ def _one_hit_event(ev: ListingImageEvent, version: str) -> AspectEvent:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=20_000, help="Cache-hit events measured (at least 20,000 for the record).")
+    ap.add_argument("--misses", type=int, default=1000, help="Cache-miss events measured after the hits (0: none).")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "opal-tiny-abo")
     args = ap.parse_args()
     base = OpalSettings()
@@ -193,7 +214,7 @@ def main() -> None:
                 update={
                     "topics": TopicSettings.suffixed(tag, 3),
                     "redis": stack.settings.redis.model_copy(update={"key_prefix": f"bench-{tag}:"}),
-                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": SAMPLE_DIR}),
+                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": REPO}),  # samples and miss photos
                 }
             )
             from confluent_kafka.admin import AdminClient
@@ -223,11 +244,26 @@ def main() -> None:
                 publish(s, events)
                 wait_outputs(port, len(samples) + n, 900)
                 cpu, wall = cpu_seconds(worker.pid) - cpu0, time.monotonic() - t0
+                if args.misses:
+                    misses = miss_events(samples, args.misses, run_dir / f"miss-photos-{tag}")
+                    print(f"publishing {len(misses):,} cache-miss events (photos new to the cache) ...", flush=True)
+                    requests0 = metric(port, "opal_enrich_model_requests_total ")
+                    mcpu0, mt0 = cpu_seconds(worker.pid), time.monotonic()
+                    publish(s, misses)
+                    wait_outputs(port, len(samples) + n + len(misses), 1800)
+                    mcpu, mwall = cpu_seconds(worker.pid) - mcpu0, time.monotonic() - mt0
+                    requests = metric(port, "opal_enrich_model_requests_total ") - requests0
             finally:
                 worker.terminate()
                 worker.wait(60)
             per_us = cpu / n * 1e6
             print(f"\n{n:,} cache-hit records: worker CPU {cpu:.2f} s ({per_us:,.0f} µs a record), wall {wall:.1f} s ({n / wall:,.0f}/s)")
+            if args.misses:
+                print(
+                    f"{args.misses:,} cache-miss records: {requests:,.0f} model requests, worker CPU {mcpu:.2f} s "
+                    f"({mcpu / max(requests, 1) * 1000:.2f} ms per model request: {max(requests, 1) / mcpu:,.0f} requests/s per core), "
+                    f"wall {mwall:.1f} s ({args.misses / mwall:,.0f}/s, the served model's pace)"
+                )
             version = _served_version(url)
             timed = stages(s, events, version)
         finally:

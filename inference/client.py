@@ -33,11 +33,12 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-from inference.images import PreparedImage, prepare_image
+from inference.images import PixelBudget, PreparedImage, prepare_image
 from inference.output import Listing, normalise_name, parse_listing
 from inference.prompt import serving_messages
 from schemas.category import CategoryRegistry, CategorySchema, default_categories
@@ -340,6 +341,24 @@ class ListingClient:
                 return
             errors.append(f"{shown}: HTTP {r.status_code}")
         raise InferenceUnavailableError(f"model probe failed: {'; '.join(errors)}")
+
+    async def pixel_budget(self) -> PixelBudget | None:
+        """The served model's image budget (:class:`~inference.images.PixelBudget`) from its
+        ``preprocessor_config.json``, read from the folder the server reports as the model's root (``GET /models``)
+        when that folder is readable here (the same host, or a shared volume); None otherwise or when the config
+        declares none. Never raises for a missing or unreadable config; connection errors propagate as for
+        :meth:`served_model`."""
+        model = await self._served_model_with_retry()
+        resp, _, _ = await self._request_with_retry("GET", "/models", None)
+        root = next((m.get("root") for m in resp.get("data", []) if m.get("id") == model), None)
+        if not isinstance(root, str) or not root:
+            return None
+        path = Path(root) / "preprocessor_config.json"
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return PixelBudget.from_preprocessor(config, str(path)) if isinstance(config, dict) else None
 
     async def _served_model_with_retry(self) -> str:
         if self._model is not None:

@@ -75,7 +75,18 @@ def vllm_argv(settings: VllmSettings, model_dir: Path, port: int, host: str = "1
     return argv
 
 
-def vllm_env(settings: VllmSettings, run_dir: Path) -> dict[str, str]:
+def compile_cache(settings: VllmSettings, model_dir: Path) -> Path:
+    """The served model's compile-cache folder: ``<vllm.compile_cache_dir>/<served name>``.
+
+    It outlives the server and its run dir, so a restart (or another server of the same model) loads the kernels
+    the first requests compiled instead of compiling them again. Inductor and Triton key their entries by graph,
+    shapes and versions, so a stale entry is never used; one folder per model keeps them easy to prune."""
+    return settings.compile_cache_dir.resolve() / served_name(model_dir)
+
+
+def vllm_env(settings: VllmSettings, run_dir: Path, model_dir: Path | None = None) -> dict[str, str]:
+    """The server's environment. With ``model_dir``, compiled kernels go to the model's :func:`compile_cache`;
+    without it (callers that only want the flags' environment) they stay under ``run_dir``."""
     tmp = run_dir / "vllm-tmp"
     if len(str(tmp)) > 48:  # vLLM puts zmq IPC sockets here; unix socket paths must stay under 107 bytes
         import hashlib
@@ -92,6 +103,13 @@ def vllm_env(settings: VllmSettings, run_dir: Path) -> dict[str, str]:
         "VLLM_CACHE_ROOT": str(run_dir / "vllm-cache"),
         "VLLM_RPC_BASE_PATH": str(tmp),
     }
+    if model_dir is not None:
+        cache = compile_cache(settings, model_dir)
+        env |= {
+            "VLLM_CACHE_ROOT": str(cache / "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),  # else under TMPDIR: per run dir, or /tmp
+            "TRITON_CACHE_DIR": str(cache / "triton"),  # else under HOME
+        }
     if settings.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kv_cache_gib)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
@@ -178,7 +196,7 @@ def start_vllm(
     port = port or free_port()
     py = model_python(python or settings.python)
     argv = [str(py), "-m", "vllm.entrypoints.openai.api_server", *vllm_argv(settings, model_dir, port)]
-    env = vllm_env(settings, run_dir)
+    env = vllm_env(settings, run_dir, model_dir)
     proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached, port=port).start()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

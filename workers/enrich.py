@@ -57,7 +57,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from inference.client import InferenceResult, InferenceUnavailableError, ListingClient, model_info
-from inference.images import PreparedImage
+from inference.images import PixelBudget, PreparedImage
 from schemas.category import CategoryRegistry, CategorySchema
 from schemas.errors import ErrorKind, OpalError, OutputTooLargeError, clean_message
 from schemas.events import (
@@ -273,6 +273,7 @@ class EnrichWorker:
             return  # stopped before the model ever answered: nothing consumed
         self.model = model_info(served)
         self.model_version = f"{self.model.name}@{self.model.version}"
+        await self._learn_pixel_budget()
         self.subscribe()
         last_activity = time.monotonic()
         try:
@@ -335,6 +336,28 @@ class EnrichWorker:
                 return None
             except TimeoutError:
                 continue
+
+    async def _learn_pixel_budget(self) -> None:
+        """Set the loader's image budget: ``vllm.max_pixels`` when configured, else the served model's processor
+        config when its folder is readable here, else none (photos capped at 1024 px a side). Logged either way."""
+        if self.s.vllm.max_pixels is not None:
+            self.loader.budget = PixelBudget(self.s.vllm.max_pixels, source="OPAL_VLLM_MAX_PIXELS")
+        else:
+            try:
+                self.loader.budget = await self.client.pixel_budget()
+            except InferenceUnavailableError as e:
+                log.warning("could not read the served model's image budget (%s); photos capped at 1024 px a side", e)
+                return
+        b = self.loader.budget
+        if b is None:
+            log.info("served model's image budget unknown (set OPAL_VLLM_MAX_PIXELS); photos capped at 1024 px a side")
+        else:
+            log.info(
+                "photos resized on the worker to the served model's budget: %d px, sides in multiples of %d (%s)",
+                b.max_pixels,
+                b.factor,
+                b.source,
+            )
 
     async def _shutdown(self, grace_s: float) -> None:
         self._stopping.set()  # records waiting for a dependency give up their turn (not stored: replayed)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 
-from inference.images import ImageHeader, ImageRejectedError, PreparedImage, inspect_image, prepare_image
+from inference.images import ImageHeader, ImageRejectedError, PixelBudget, PreparedImage, inspect_image, prepare_image
 from schemas.errors import ErrorKind, OpalError
 from schemas.settings import WorkerSettings
 
@@ -132,6 +132,7 @@ class ImageLoader:
         self.max_pixels = max_pixels
         self.timeout_s = timeout_s
         self.allow_private = allow_private_addresses
+        self.budget: PixelBudget | None = None  # the served model's image budget, once known (see EnrichWorker.run)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
 
     @classmethod
@@ -154,8 +155,9 @@ class ImageLoader:
         return self.prepare(await self.fetch(uri))
 
     def prepare(self, fetched: FetchedImage) -> PreparedImage:
-        """Fully decode and normalise a fetched image; raises :class:`ImageRejectedError` for bad pixels."""
-        return prepare_image(fetched.data, self.max_bytes, self.max_pixels, header=fetched.header)
+        """Fully decode and normalise a fetched image (resized to :attr:`budget` when one is set); raises
+        :class:`ImageRejectedError` for bad pixels."""
+        return prepare_image(fetched.data, self.max_bytes, self.max_pixels, header=fetched.header, budget=self.budget)
 
     async def fetch(self, uri: str) -> FetchedImage:
         """The bytes at ``uri`` with their header checked and hashed; no pixel is decoded."""

@@ -29,13 +29,18 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 opal \
-    && useradd --system --uid 10001 --gid opal --home-dir /home/opal --create-home --shell /usr/sbin/nologin opal
+    && useradd --system --uid 10001 --gid opal --home-dir /home/opal --create-home --shell /usr/sbin/nologin opal \
+    && install -d -o opal -g opal /var/cache/opal/compile
 COPY --from=build /opt/venv /opt/venv
 COPY models/opal-tiny-abo /opt/opal/models/opal-tiny-abo
-# The environment vllm_env() gives a GPU server (no hub access, no usage reports); caches under HOME.
+# The environment vllm_env() gives a GPU server (no hub access, no usage reports); compiled kernels in
+# /var/cache/opal/compile (mount a volume there so restarts load them: opal/vllm_server.py compile_cache).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/home/opal \
+    VLLM_CACHE_ROOT=/var/cache/opal/compile/vllm \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/opal/compile/inductor \
+    TRITON_CACHE_DIR=/var/cache/opal/compile/triton \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     VLLM_NO_USAGE_STATS=1 \

@@ -23,6 +23,11 @@ def test_cpu_flags(tmp_path: Path) -> None:
     env = vllm_env(VllmSettings(cpu_kv_cache_gib=2), tmp_path)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
     assert len(env["TMPDIR"]) <= 48  # short enough for vLLM's IPC socket paths, whatever the run dir
+    # compiled kernels: one folder per served model, the same whatever the run dir (a restart loads them)
+    s = VllmSettings(compile_cache_dir=tmp_path / "cc")
+    first, again = vllm_env(s, tmp_path / "run-1", tmp_path), vllm_env(s, tmp_path / "run-2", tmp_path)
+    assert first["TORCHINDUCTOR_CACHE_DIR"] == again["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "opal@v9" / "inductor")
+    assert first["VLLM_CACHE_ROOT"] == str(tmp_path / "cc" / "opal@v9" / "vllm") and "TRITON_CACHE_DIR" in first
 
 
 def test_gpu_flags(tmp_path: Path) -> None:

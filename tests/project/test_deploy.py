@@ -183,6 +183,16 @@ def test_vllm_args_are_what_opal_serve_renders(name: str, monkeypatch: pytest.Mo
     for k, v in vllm_env(s.vllm, Path("/unused")).items():  # the GPU server's environment, less its local paths
         if k not in ("TMPDIR", "VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH"):
             assert env.get(k) == v, k
+    # compiled kernels on a volume that outlives the container, a shared claim in prod (the cache opal serve keeps)
+    cache_vars = set(vllm_env(s.vllm, Path("/unused"), SHIPPED_MODEL)) - set(vllm_env(s.vllm, Path("/unused"))) | {"VLLM_CACHE_ROOT"}
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "compile-cache")
+    assert cache_vars == {"VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+    assert all((env[k] or "").startswith(mount + "/") for k in cache_vars), env
+    volume = next(v for v in spec["volumes"] if v["name"] == "compile-cache")
+    assert sorted(volume) == sorted(["name", "persistentVolumeClaim" if name.endswith("prod") else "emptyDir"]), volume
+    if "persistentVolumeClaim" in volume:  # rendered with the overlay, shared by the replicas
+        claim = named(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     api_key = next(e for e in c["env"] if e["name"] == "VLLM_API_KEY")
     assert api_key["valueFrom"]["secretKeyRef"] == {"name": "opal-secrets", "key": "OPAL_VLLM_API_KEY"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):

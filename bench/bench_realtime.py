@@ -1,0 +1,204 @@
+"""Realtime latency under a 100,000-event backfill backlog, against the same realtime stream on an idle worker.
+
+    .venv/bin/python bench/bench_realtime.py [--backlog 100000] [--realtime 200] [--rate 10]
+
+Starts tansu, valkey and vLLM (the shipped tiny model) and `opal worker enrich` (a subprocess), and warms the
+result cache with the 40 sample photos. Then two phases on the same worker:
+
+- idle: ``--realtime`` realtime events at ``--rate`` a second, each with a photo new to the cache, so each is a
+  model request;
+- backlog: ``--backlog`` backfill events (cache hits over the sample photos: the load that keeps the worker's
+  core busiest, ~2,000 records/s of wall time here) are published first; then the same realtime stream runs
+  while the worker works through them.
+
+For each realtime record: end-to-end = when a reader in this process saw its AspectEvent minus when it was
+handed to the producer; model time = the request's time as the worker measured it (the AspectEvent's
+``timings.inference_ms``); added = end-to-end minus model time (the broker both ways, the worker's queueing and
+work, batching). The backlog phase counts only if backfill records were still unprocessed when the last
+realtime record came out (printed). Everything shares the 2 cores here: tansu, valkey, vLLM, the worker, the
+publisher and the reader.
+
+The last line is ``realtime: p99 added <idle> ms idle, <backlog> ms under a <N> backlog (+<d> ms; target < 100)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.bench_worker import metric, miss_events, publish, wait_outputs  # noqa: E402
+from opal.embedded import EmbeddedStack, free_port, settings_env  # noqa: E402
+from opal.samples import load_samples, sample_event  # noqa: E402
+from opal.vllm_server import start_vllm  # noqa: E402
+from schemas.events import AspectEvent, ListingImageEvent  # noqa: E402
+from schemas.serde import CodecSet  # noqa: E402
+from schemas.settings import OpalSettings, TopicSettings  # noqa: E402
+from topology.admin import apply_topology  # noqa: E402
+from topology.declared import build_topology  # noqa: E402
+from workers.kafka_clients import make_consumer, make_producer  # noqa: E402
+
+TARGET_MS = 100.0
+
+
+class Reader(threading.Thread):
+    """Reads the aspects topic from the start; keeps (seen at, inference ms) of each realtime listing id."""
+
+    def __init__(self, s: OpalSettings, prefix: bytes) -> None:
+        super().__init__(daemon=True)
+        self.s, self.prefix = s, prefix
+        self.seen: dict[str, tuple[float, float]] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        codec = CodecSet.of(self.s.kafka)[AspectEvent]
+        c = make_consumer(self.s.kafka, f"bench-reader-{uuid.uuid4().hex[:6]}", **{"fetch.wait.max.ms": 5, "enable.auto.commit": False})
+        c.subscribe([self.s.topics.aspects])
+        try:
+            while not self.stop.is_set():
+                for m in c.consume(500, 0.05):
+                    if m.error() is None and (m.key() or b"").startswith(self.prefix):
+                        ev = codec.decode(m.value())
+                        self.seen[ev.listing_id] = (time.time(), ev.timings.inference_ms or 0.0)
+        finally:
+            c.close()
+
+
+def stream(s: OpalSettings, events: list[ListingImageEvent], rate: float) -> dict[str, float]:
+    """Publish ``events`` on the realtime lane at ``rate`` a second, evenly; returns when each was handed over."""
+    codec = CodecSet.of(s.kafka)[ListingImageEvent]
+    p = make_producer(s.kafka, **{"linger.ms": 0})
+    sent: dict[str, float] = {}
+    t0 = time.monotonic()
+    for i, ev in enumerate(events):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        value = codec.encode(ev)
+        sent[ev.listing_id] = time.time()
+        p.produce(s.topics.images_realtime, key=ev.listing_id.encode(), value=value)
+        p.poll(0)
+    p.flush(60)
+    return sent
+
+
+def wait_seen(reader: Reader, ids: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(i in reader.seen for i in ids):
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{sum(i not in reader.seen for i in ids)} realtime records not seen in {timeout_s:.0f} s")
+
+
+def summary(sent: dict[str, float], reader: Reader) -> dict[str, float]:
+    e2e = sorted((reader.seen[k][0] - t) * 1000 for k, t in sent.items())
+    added = sorted((reader.seen[k][0] - t) * 1000 - reader.seen[k][1] for k, t in sent.items())
+    model = sorted(reader.seen[k][1] for k in sent)
+
+    def p99(xs: list[float]) -> float:
+        return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+
+    return {
+        "e2e50": statistics.median(e2e),
+        "e2e99": p99(e2e),
+        "model50": statistics.median(model),
+        "model99": p99(model),
+        "added50": statistics.median(added),
+        "added99": p99(added),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backlog", type=int, default=100_000, help="Backfill events published before the realtime stream.")
+    ap.add_argument("--realtime", type=int, default=200, help="Realtime events per phase.")
+    ap.add_argument("--rate", type=float, default=10.0, help="Realtime events a second.")
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "opal-tiny-abo")
+    args = ap.parse_args()
+    base = OpalSettings()
+    run_dir = (REPO / ".opal" / "run" / "bench-realtime").resolve()
+    s0 = base.model_copy(update={"embedded": base.embedded.model_copy(update={"run_dir": run_dir})})
+    print(f"starting tansu, valkey and vLLM ({args.model.name}) ...", flush=True)
+    with EmbeddedStack(s0) as stack:
+        vllm, url = start_vllm(args.model, stack.settings.vllm, run_dir, timeout_s=600)
+        try:
+            tag = uuid.uuid4().hex[:6]
+            s = stack.settings.model_copy(
+                update={
+                    "topics": TopicSettings.suffixed(tag, 3),
+                    "redis": stack.settings.redis.model_copy(update={"key_prefix": f"bench-{tag}:"}),
+                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": REPO}),
+                }
+            )
+            from confluent_kafka.admin import AdminClient
+
+            apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+            samples = [sample_event(x) for x in load_samples()]
+            fresh = miss_events(samples, 2 * args.realtime, run_dir / f"realtime-photos-{tag}")
+            idle_events = [ev.model_copy(update={"listing_id": f"rt-idle-{i}"}) for i, ev in enumerate(fresh[: args.realtime])]
+            busy_events = [ev.model_copy(update={"listing_id": f"rt-busy-{i}"}) for i, ev in enumerate(fresh[args.realtime :])]
+            port = free_port()
+            outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+            env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}"}
+            worker = subprocess.Popen(
+                [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            reader = Reader(s, b"rt-")
+            reader.start()
+            try:
+                print("warming the cache: 40 photos through the model ...", flush=True)
+                publish(s, [ev.model_copy(update={"listing_id": f"warm{i}"}) for i, ev in enumerate(samples)])
+                wait_outputs(port, len(samples), 600)
+                print(f"idle: {args.realtime} realtime events at {args.rate:g}/s ...", flush=True)
+                idle_sent = stream(s, idle_events, args.rate)
+                wait_seen(reader, list(idle_sent), 300)
+                print(f"backlog: publishing {args.backlog:,} backfill events ...", flush=True)
+                backlog = [
+                    samples[i % len(samples)].model_copy(update={"listing_id": f"bf{i}", "event_id": str(uuid.uuid4())})
+                    for i in range(args.backlog)
+                ]
+                publish(s, backlog, topic=s.topics.images_backfill)
+                done0 = metric(port, 'opal_enrich_consumed_total{lane="backfill"}')
+                print(f"  the worker had taken {done0:,.0f} of them; realtime stream starts", flush=True)
+                busy_sent = stream(s, busy_events, args.rate)
+                wait_seen(reader, list(busy_sent), 600)
+                taken = metric(port, 'opal_enrich_consumed_total{lane="backfill"}')
+            finally:
+                reader.stop.set()
+                worker.terminate()
+                worker.wait(60)
+        finally:
+            vllm.stop()
+    idle, busy = summary(idle_sent, reader), summary(busy_sent, reader)
+    in_progress = taken < args.backlog
+    print(f"\nbackfill records taken by the last realtime output: {taken:,.0f} of {args.backlog:,} (backlog in progress: {in_progress})")
+    print(f"\n{'realtime, ms':<22}{'e2e p50':>9}{'e2e p99':>9}{'model p50':>11}{'model p99':>11}{'added p50':>11}{'added p99':>11}")
+    for name, r in (("idle", idle), (f"{args.backlog:,} backlog", busy)):
+        print(
+            f"{name:<22}{r['e2e50']:>9.0f}{r['e2e99']:>9.0f}{r['model50']:>11.0f}{r['model99']:>11.0f}{r['added50']:>11.0f}{r['added99']:>11.0f}"
+        )
+    d = busy["added99"] - idle["added99"]
+    if not in_progress:
+        print("the backlog was drained before the realtime stream ended: rerun with a larger --backlog")
+    print(
+        f"realtime: p99 added {idle['added99']:.0f} ms idle, {busy['added99']:.0f} ms under a {args.backlog:,} backlog "
+        f"({d:+.0f} ms; target < {TARGET_MS:.0f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
