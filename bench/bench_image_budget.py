@@ -134,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     samples = load_samples()
     bases = [Image.open(s.image).convert("RGB") for s in samples]
-    categories = [s.category for s in samples]
+    categories = [s.product_type for s in samples]
     base = OpalSettings()
     run_dir = (REPO / ".opal" / "run" / "bench-image-budget").resolve()
     print(f"starting vLLM ({args.model.name}) ...", flush=True)

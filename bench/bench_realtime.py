@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bench_worker import metric, miss_events, publish, wait_outputs  # noqa: E402
 from opal.embedded import EmbeddedStack, free_port, settings_env  # noqa: E402
+from opal.plots import histogram_png  # noqa: E402
 from opal.samples import load_samples, sample_event  # noqa: E402
 from opal.vllm_server import start_vllm  # noqa: E402
 from schemas.events import AspectEvent, ListingImageEvent  # noqa: E402
@@ -51,12 +52,13 @@ TARGET_MS = 100.0
 
 
 class Reader(threading.Thread):
-    """Reads the aspects topic from the start; keeps (seen at, inference ms) of each realtime listing id."""
+    """Reads the aspects topic from the start; keeps (seen at, inference ms, worker ms) of each realtime listing id
+    (worker ms: the AspectEvent's ``timings.total_ms``, from the worker consuming the record to building its output)."""
 
     def __init__(self, s: OpalSettings, prefix: bytes) -> None:
         super().__init__(daemon=True)
         self.s, self.prefix = s, prefix
-        self.seen: dict[str, tuple[float, float]] = {}
+        self.seen: dict[str, tuple[float, float, float]] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -68,7 +70,7 @@ class Reader(threading.Thread):
                 for m in c.consume(500, 0.05):
                     if m.error() is None and (m.key() or b"").startswith(self.prefix):
                         ev = codec.decode(m.value())
-                        self.seen[ev.listing_id] = (time.time(), ev.timings.inference_ms or 0.0)
+                        self.seen[ev.listing_id] = (time.time(), ev.timings.inference_ms or 0.0, ev.timings.total_ms or 0.0)
         finally:
             c.close()
 
@@ -77,6 +79,7 @@ def stream(s: OpalSettings, events: list[ListingImageEvent], rate: float) -> dic
     """Publish ``events`` on the realtime lane at ``rate`` a second, evenly; returns when each was handed over."""
     codec = CodecSet.of(s.kafka)[ListingImageEvent]
     p = make_producer(s.kafka, **{"linger.ms": 0})
+    p.list_topics(s.topics.images_realtime, timeout=30)  # connected, metadata known: the first record is not the timed set-up
     sent: dict[str, float] = {}
     t0 = time.monotonic()
     for i, ev in enumerate(events):
@@ -100,10 +103,16 @@ def wait_seen(reader: Reader, ids: list[str], timeout_s: float) -> None:
     raise SystemExit(f"{sum(i not in reader.seen for i in ids)} realtime records not seen in {timeout_s:.0f} s")
 
 
+def added_ms(sent: dict[str, float], reader: Reader) -> dict[str, float]:
+    """End-to-end minus model time, per listing id."""
+    return {k: (reader.seen[k][0] - t) * 1000 - reader.seen[k][1] for k, t in sent.items()}
+
+
 def summary(sent: dict[str, float], reader: Reader) -> dict[str, float]:
     e2e = sorted((reader.seen[k][0] - t) * 1000 for k, t in sent.items())
-    added = sorted((reader.seen[k][0] - t) * 1000 - reader.seen[k][1] for k, t in sent.items())
+    added = sorted(added_ms(sent, reader).values())
     model = sorted(reader.seen[k][1] for k in sent)
+    worker = sorted(reader.seen[k][2] - reader.seen[k][1] for k in sent)  # in the worker, less the model request
 
     def p99(xs: list[float]) -> float:
         return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
@@ -115,6 +124,8 @@ def summary(sent: dict[str, float], reader: Reader) -> dict[str, float]:
         "model99": p99(model),
         "added50": statistics.median(added),
         "added99": p99(added),
+        "worker50": statistics.median(worker),
+        "worker99": p99(worker),
     }
 
 
@@ -172,11 +183,11 @@ def main() -> None:
                     for i in range(args.backlog)
                 ]
                 publish(s, backlog, topic=s.topics.images_backfill)
-                done0 = metric(port, 'opal_enrich_consumed_total{lane="backfill"}')
+                done0 = metric(port, 'opal_enrich_consumed_total{lane="BACKFILL"}')
                 print(f"  the worker had taken {done0:,.0f} of them; realtime stream starts", flush=True)
                 busy_sent = stream(s, busy_events, args.rate)
                 wait_seen(reader, list(busy_sent), 600)
-                taken = metric(port, 'opal_enrich_consumed_total{lane="backfill"}')
+                taken = metric(port, 'opal_enrich_consumed_total{lane="BACKFILL"}')
             finally:
                 reader.stop.set()
                 worker.terminate()
@@ -186,11 +197,23 @@ def main() -> None:
     idle, busy = summary(idle_sent, reader), summary(busy_sent, reader)
     in_progress = taken < args.backlog
     print(f"\nbackfill records taken by the last realtime output: {taken:,.0f} of {args.backlog:,} (backlog in progress: {in_progress})")
-    print(f"\n{'realtime, ms':<22}{'e2e p50':>9}{'e2e p99':>9}{'model p50':>11}{'model p99':>11}{'added p50':>11}{'added p99':>11}")
+    print(f"\n{'realtime, ms':<18}{'e2e p50':>8}{'e2e p99':>8}{'model p50':>10}{'model p99':>10}{'added p50':>10}{'added p99':>10}", end="")
+    print(f"{'in worker p50':>14}{'in worker p99':>14}")
     for name, r in (("idle", idle), (f"{args.backlog:,} backlog", busy)):
         print(
-            f"{name:<22}{r['e2e50']:>9.0f}{r['e2e99']:>9.0f}{r['model50']:>11.0f}{r['model99']:>11.0f}{r['added50']:>11.0f}{r['added99']:>11.0f}"
+            f"{name:<18}{r['e2e50']:>8.0f}{r['e2e99']:>8.0f}{r['model50']:>10.0f}{r['model99']:>10.0f}{r['added50']:>10.0f}{r['added99']:>10.0f}"
+            f"{r['worker50']:>14.0f}{r['worker99']:>14.0f}"
         )
+    print("(added = end-to-end less the model request; in worker = consumed to output built, less the model request)")
+    for name, sent in (("idle", idle_sent), ("backlog", busy_sent)):
+        worst = sorted(added_ms(sent, reader).items(), key=lambda kv: -kv[1])[:3]
+        print(f"slowest {name}: " + ", ".join(f"{k} {v:.0f} ms (in worker {reader.seen[k][2] - reader.seen[k][1]:.0f})" for k, v in worst))
+    png = histogram_png(
+        {"idle": list(added_ms(idle_sent, reader).values()), f"{args.backlog:,} backlog": list(added_ms(busy_sent, reader).values())},
+        REPO / "docs" / "img" / "realtime_latency.png",
+        f"realtime end-to-end less model time (ms), {args.realtime} records at {args.rate:g}/s, idle vs {args.backlog:,} backfill backlog",
+    )
+    print(f"histogram: {png.relative_to(REPO)}")
     d = busy["added99"] - idle["added99"]
     if not in_progress:
         print("the backlog was drained before the realtime stream ended: rerun with a larger --backlog")

@@ -350,7 +350,8 @@ class ListingClient:
         :meth:`served_model`."""
         model = await self._served_model_with_retry()
         resp, _, _ = await self._request_with_retry("GET", "/models", None)
-        root = next((m.get("root") for m in resp.get("data", []) if m.get("id") == model), None)
+        models = resp.get("data") if isinstance(resp, dict) else None
+        root = next((m.get("root") for m in models or [] if isinstance(m, dict) and m.get("id") == model), None)
         if not isinstance(root, str) or not root:
             return None
         path = Path(root) / "preprocessor_config.json"

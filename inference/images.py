@@ -122,8 +122,12 @@ class PixelBudget:
 
     @classmethod
     def from_preprocessor(cls, config: dict[str, object], source: str = "") -> PixelBudget | None:
-        """The budget a Hugging Face ``preprocessor_config.json`` declares (``max_pixels``, or ``size.longest_edge``
-        as newer Qwen2-VL processors write it); None when it declares none."""
+        """The budget a Qwen-VL image processor's ``preprocessor_config.json`` declares (``max_pixels``, or
+        ``size.longest_edge``, an area in pixels as newer Qwen2-VL processors write it); None for any other
+        processor (``longest_edge`` is a side length there) or when it declares none."""
+        kind = config.get("image_processor_type")
+        if not isinstance(kind, str) or not kind.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL")):
+            return None
         size = config.get("size")
         raw = config.get("max_pixels") or (size.get("max_pixels") or size.get("longest_edge") if isinstance(size, dict) else None)
         patch, merge = config.get("patch_size", 14), config.get("merge_size", 2)
@@ -192,30 +196,33 @@ def prepare_image(
     header: ImageHeader | None = None,
     budget: PixelBudget | None = None,
 ) -> PreparedImage:
-    """Validate ``data`` and return it ready to send: downscaled to the served model's ``budget`` when one is
-    known (exactly the size its processor would resize to), else to ``max_side`` if larger. Re-encoded as JPEG
-    (quality 95) only when resized or not JPEG/PNG.
+    """Validate ``data`` and return it ready to send: at most ``max_side`` a side, and within the served model's
+    ``budget`` when one is known (then exactly the size its processor would resize to, so the server does not
+    resize again). Re-encoded as JPEG (quality 95) only when resized or not JPEG/PNG.
 
     ``header``, from :func:`inspect_image` of the same bytes with the same limits, skips repeating those checks."""
     if header is None:
         header = inspect_image(data, max_bytes, max_pixels)
     fmt, w, h, sha = header.fmt, header.width, header.height, header.sha256
+    scale = min(1.0, max_side / max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
     if budget is not None:
-        size = budget.target(w, h)
-    else:
-        scale = min(1.0, max_side / max(w, h))
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        size = budget.target(*size)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[fmt]) as probe:
+                if probe.size != (w, h):  # the pixel bound was checked on the header's size: PIL must read the same
+                    raise ImageRejectedError(f"corrupt {fmt} image: its header says {w}x{h}, PIL reads {probe.size[0]}x{probe.size[1]}")
                 probe.verify()
             with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+                if fmt == "JPEG" and size != (w, h):
+                    img.draft("RGB", size)  # decode at 1/2 to 1/8 scale (DCT scaling): still every byte of the body
                 img.load()  # full decode: catches truncated bodies verify() misses
                 if size == (w, h) and fmt in ("JPEG", "PNG"):
                     return PreparedImage(data, ALLOWED_FORMATS[fmt], w, h, sha)
                 rgb = img.convert("RGB")
-                if size != (w, h):
+                if rgb.size != size:
                     rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
                 out = io.BytesIO()
                 rgb.save(out, format="JPEG", quality=95)

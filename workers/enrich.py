@@ -113,6 +113,7 @@ class _Job:
     image_ms: float = 0.0  # time spent fetching them
     event: ListingImageEvent | None = None  # decoded once (by the batch pass), reused by retries
     error: BaseException | None = None  # a failure of the batch pass, for _process to handle as its first attempt's
+    looked_up: bool = False  # the batch pass found no cached result: the first attempt does not look again
     images: list[PreparedImage] | None = None  # decoded once (only on a cache miss), reused by retries
     listing_id: str | None = None
 
@@ -345,8 +346,8 @@ class EnrichWorker:
         else:
             try:
                 self.loader.budget = await self.client.pixel_budget()
-            except InferenceUnavailableError as e:
-                log.warning("could not read the served model's image budget (%s); photos capped at 1024 px a side", e)
+            except Exception as e:  # a gateway without /models, an odd answer: the budget is only an optimisation
+                log.warning("could not read the served model's image budget (%s: %s); photos capped at 1024 px a side", type(e).__name__, e)
                 return
         b = self.loader.budget
         if b is None:
@@ -369,9 +370,12 @@ class EnrichWorker:
             while lane not in self._joined and time.monotonic() < deadline:
                 consumer.poll(0.1)
                 await asyncio.sleep(0)
-        tasks = {j.task for j in self.jobs.values() if j.task is not None and not j.task.done()}
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:  # a batch ending meanwhile hands its misses to tasks of their own: wait for those too
+            tasks = {j.task for j in self.jobs.values() if j.task is not None and not j.task.done()}
+            if not tasks:
+                break
+            await asyncio.wait(tasks, timeout=deadline - time.monotonic())
         deadline = time.monotonic() + grace_s
         while True:  # a report may produce again (a dead letter, a retry): flush until nothing is left
             self.producer.flush(max(0.0, deadline - time.monotonic()))
@@ -592,7 +596,7 @@ class EnrichWorker:
                 t0 = time.perf_counter()
                 local = [self.loader.fetch_local(img.uri) for img in event.images[:per_prompt]]
                 if any(f is None for f in local):
-                    remote.append((job, event))  # an http(s) image: fetched below, with the others
+                    remote.append((job, event))  # an http(s) image: fetched after the local records are out
                     continue
                 job.fetched = [f for f in local if f is not None]
                 job.image_ms = (time.perf_counter() - t0) * 1000
@@ -600,14 +604,24 @@ class EnrichWorker:
             except Exception as e:
                 job.error = e
                 self._spawn(job)
+        await self._look_up_and_produce(ready)  # local hits do not wait for a slow image host
         if remote:
             fetched = await asyncio.gather(*(self._fetch_images(event, job) for job, event in remote), return_exceptions=True)
+            ready = []
             for (job, event), result in zip(remote, fetched, strict=True):
                 if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):  # cancelled: the batch task ends cancelled (see _task_done)
+                        raise result
                     job.error = result
                     self._spawn(job)
                 else:
                     ready.append((job, event))
+            await self._look_up_and_produce(ready)
+
+    async def _look_up_and_produce(self, ready: list[tuple[_Job, ListingImageEvent]]) -> None:
+        """One MGET for ``ready`` (records whose images are fetched), then each hit built, encoded and produced; a
+        miss or a failure goes to a task of its own (:meth:`_spawn`), the look-up done (it is not repeated)."""
+        fallback = self.w.generic_fallback
         keyed: list[tuple[_Job, ListingImageEvent, CategorySchema, str]] = []
         for job, event in ready:
             try:
@@ -622,10 +636,12 @@ class EnrichWorker:
             cached = await self.cache.get_many([(self.model_version, schema.key, digest) for _, _, schema, digest in keyed])
         else:
             cached = [None] * len(keyed)
-        hits = 0
+        hits = misses = 0
         for (job, event, schema, digest), entry in zip(keyed, cached, strict=True):
             if entry is None:
-                self._spawn(job)  # a miss: to the model (after its own look-up: a request in flight may store it meanwhile)
+                misses += 1
+                job.looked_up = self.cache is not None
+                self._spawn(job)  # to the model
                 continue
             try:
                 out = self._hit_event(event, job, schema, digest, entry, job.image_ms)
@@ -635,10 +651,19 @@ class EnrichWorker:
                 job.error = e
                 self._spawn(job)
         self.metrics.cache_hits.inc(hits)
+        if self.cache is not None:
+            self.metrics.cache_misses.inc(misses)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        """A record's task must end in an output or a fatal stop; an escaped exception is fatal (replay)."""
-        if not task.cancelled() and task.exception() is not None and self._fatal is None:
+        """A record's task must end in an output or a fatal stop; an escaped exception is fatal (replay), and so is a
+        task cancelled while the worker is not stopping (its records would hold the window and their partitions'
+        stored prefix without an output)."""
+        if self._fatal is not None:
+            return
+        if task.cancelled():
+            if not self._stopping.is_set():
+                self._fatal = FatalWorkerError("a record task was cancelled; its records were not stored and will replay")
+        elif task.exception() is not None:
             self._fatal = task.exception()
 
     async def _process(self, job: _Job) -> None:
@@ -688,6 +713,11 @@ class EnrichWorker:
                 self._dead_letter(job, e)
                 return
             except Exception as e:  # a bug must not drop the record: dead-letter it with the reason
+                if self._stopping.is_set():  # clients closing under it: not the record's fault; not stored, replayed
+                    log.warning(
+                        "%s left without an output at shutdown (%s: %s); replayed by the next owner", _where(msg), type(e).__name__, e
+                    )
+                    return
                 log.exception("unexpected error processing %s[%d]@%d", msg.topic(), msg.partition(), msg.offset())
                 err = OpalError(f"{type(e).__name__}: {e}")
                 err.reason = ErrorKind.INTERNAL
@@ -775,11 +805,14 @@ class EnrichWorker:
         image_ms = job.image_ms
         digest = images_digest([f.sha256 for f in fetched])
         schema = self.categories.resolve(event.category, self.w.generic_fallback)
-        cached = await self.cache.get(self.model_version, schema.key, digest) if self.cache else None
-        if cached is not None:
-            self.metrics.cache_hits.inc()
-            return self._hit_event(event, job, schema, digest, cached, image_ms)
-        self.metrics.cache_misses.inc()
+        if job.looked_up:  # the batch pass just missed (and counted it); a retry looks again
+            job.looked_up = False
+        elif self.cache is not None:
+            cached = await self.cache.get(self.model_version, schema.key, digest)
+            if cached is not None:
+                self.metrics.cache_hits.inc()
+                return self._hit_event(event, job, schema, digest, cached, image_ms)
+            self.metrics.cache_misses.inc()
         t0 = time.perf_counter()
         images = await self._prepared(job)
         image_ms += (time.perf_counter() - t0) * 1000

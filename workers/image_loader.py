@@ -86,29 +86,24 @@ def _under_prefix(root: str) -> str:
     return root if root.endswith(os.sep) else root + os.sep
 
 
-def _opened_path(fd: int, path: str) -> str:
-    """Where the open file ``fd`` (opened by ``path``) really is: the kernel's answer on Linux, else realpath."""
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        return os.path.realpath(path)
+O_PATH = getattr(os, "O_PATH", 0)
+"""Linux: a descriptor that names a file without opening it for I/O (no device driver runs, no FIFO blocks)."""
 
 
 def _read_fd(fd: int, size: int, max_bytes: int) -> bytes:
-    """All bytes of the open regular file (``size`` from fstat; it may grow meanwhile), refusing more than ``max_bytes``."""
-    data = os.read(fd, min(size, max_bytes) + 1)
-    if len(data) <= size:
-        return data  # a short read of a regular file is its end
-    chunks, total = [data], len(data)
+    """All bytes of the open regular file, ``size`` from fstat (it may grow meanwhile; a read may come back short
+    on FUSE or network file systems): read to the end, refusing more than ``max_bytes``."""
+    chunks: list[bytes] = []
+    total = 0
     while total <= max_bytes:
-        more = os.read(fd, max_bytes + 1 - total)
+        more = os.read(fd, max(size - total, 0) + 1 if total < size else max_bytes + 1 - total)
         if not more:
             break
         chunks.append(more)
         total += len(more)
     if total > max_bytes:
         raise ImageRejectedError(f"image file grew past the limit of {max_bytes} bytes while read")
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class ImageLoader:
@@ -209,12 +204,13 @@ class ImageLoader:
             raise ImageFetchError(f"probe of {base} answered HTTP {r.status_code}", dependency)
 
     def _load_file(self, parsed: urllib.parse.SplitResult) -> bytes:
-        """The file's bytes, when the file the kernel opened is a regular file under the root.
+        """The file's bytes, when the file named is a regular file under the root.
 
-        No per-record resolve: the path must lie under the root as written (after normalising ``..``), and the
-        file actually opened (symbolic links followed by the kernel) must lie under the resolved root, read back
-        from ``/proc/self/fd`` (``os.path.realpath`` where there is no /proc). The open is non-blocking, so a FIFO
-        in the root cannot hang the worker; anything but a regular file is refused before a byte is read."""
+        No per-record resolve: the path must lie under the root as written (after normalising ``..``); then, on
+        Linux, the file is named with ``O_PATH`` (symbolic links followed by the kernel, nothing opened for I/O),
+        the kernel's path of that descriptor (``/proc/self/fd``) must lie under the resolved root and it must be a
+        regular file, and only then is that same file opened for reading (non-blocking). Without ``O_PATH`` the
+        path is resolved first, as a fallback."""
         if self.root is None:
             raise ImageRejectedError("file:// images are disabled (set OPAL_WORKER_ALLOWED_FILE_ROOT)")
         if parsed.netloc not in ("", "localhost"):
@@ -222,21 +218,32 @@ class ImageLoader:
         raw_path = urllib.parse.unquote(parsed.path)
         shown = _short(raw_path)
         outside = ImageRejectedError(f"file {shown} is outside the allowed root {self.root}")
+        root_prefix = _under_prefix(str(self.root))
         try:
             path = os.path.normpath(os.path.join(os.getcwd(), raw_path) if not os.path.isabs(raw_path) else raw_path)
             if not any(path.startswith(prefix) for prefix in self._lexical_roots):
                 raise outside
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-            try:
-                if not _opened_path(fd, path).startswith(_under_prefix(str(self.root))):
+            if O_PATH:
+                ref = os.open(path, O_PATH | os.O_CLOEXEC)
+                try:
+                    if not os.readlink(f"/proc/self/fd/{ref}").startswith(root_prefix):
+                        raise outside
+                    st = os.fstat(ref)
+                    self._check_regular(st, shown)
+                    fd = os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)  # that same file
+                finally:
+                    os.close(ref)
+            else:
+                if not os.path.realpath(path).startswith(root_prefix):
                     raise outside
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
                 st = os.fstat(fd)
-                if stat.S_ISDIR(st.st_mode):
-                    raise IsADirectoryError(errno.EISDIR, "is a directory")
-                if not stat.S_ISREG(st.st_mode):
-                    raise ImageRejectedError(f"image path {shown} is not a regular file")
-                if st.st_size > self.max_bytes:
-                    raise ImageRejectedError(f"image file is {st.st_size} bytes, limit {self.max_bytes}")
+                try:
+                    self._check_regular(st, shown)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            try:
                 return _read_fd(fd, st.st_size, self.max_bytes)
             finally:
                 os.close(fd)
@@ -252,6 +259,14 @@ class ImageLoader:
             raise ImageRejectedError(f"image path {shown} refused by the file system: {_errno_text(e)}") from None
         except ValueError as e:  # embedded NUL byte
             raise ImageRejectedError(f"invalid image path {shown}: {e}") from None
+
+    def _check_regular(self, st: os.stat_result, shown: str) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageRejectedError(f"image path {shown} is not a regular file")
+        if st.st_size > self.max_bytes:
+            raise ImageRejectedError(f"image file is {st.st_size} bytes, limit {self.max_bytes}")
 
     def _check_host(self, host: str, port: int, dependency: str) -> None:
         if host.lower() not in self.hosts:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -10,6 +11,7 @@ from PIL import Image
 from inference.images import ImageRejectedError, PixelBudget, prepare_image, sniff
 from opal.samples import load_samples
 from schemas.errors import ErrorKind
+from tests.support import REPO
 
 
 def _png(w: int, h: int) -> bytes:
@@ -105,10 +107,14 @@ def test_a_png_whose_text_chunks_inflate_costs_the_header_check_nothing_and_is_r
 def test_the_pixel_budget_resizes_to_what_the_served_processor_would() -> None:
     """Qwen2-VL's processor (``smart_resize``): sides in multiples of 28, area within max_pixels, aspect kept. A photo
     resized to that on the worker is left alone by the server; one within the budget is sent as it is."""
-    budget = PixelBudget.from_preprocessor({"size": {"longest_edge": 12544, "shortest_edge": 3136}, "patch_size": 14, "merge_size": 2})
+    shipped = json.loads((REPO / "models" / "opal-tiny-abo" / "preprocessor_config.json").read_text())
+    budget = PixelBudget.from_preprocessor(shipped)
     assert budget == PixelBudget(12544, 28)
-    assert PixelBudget.from_preprocessor({"max_pixels": 1003520, "patch_size": 16, "merge_size": 2}) == PixelBudget(1003520, 32)
-    assert PixelBudget.from_preprocessor({"size": {"height": 224, "width": 224}}) is None  # a fixed-size processor: no budget
+    qwen3 = {"image_processor_type": "Qwen3VLImageProcessorFast", "max_pixels": 1003520, "patch_size": 16, "merge_size": 2}
+    assert PixelBudget.from_preprocessor(qwen3) == PixelBudget(1003520, 32)
+    # elsewhere longest_edge is a side, not an area; a fixed-size processor has no budget
+    assert PixelBudget.from_preprocessor({"image_processor_type": "Idefics3ImageProcessor", "size": {"longest_edge": 1456}}) is None
+    assert PixelBudget.from_preprocessor({"image_processor_type": "CLIPImageProcessor", "size": {"height": 224, "width": 224}}) is None
     for w, h in [(2000, 1500), (1600, 1600), (3000, 1000), (120, 110)]:
         tw, th = budget.target(w, h)
         assert tw % 28 == 0 and th % 28 == 0 and tw * th <= 12544 and abs(tw / th - w / h) < 0.5 * w / h
@@ -116,6 +122,14 @@ def test_the_pixel_budget_resizes_to_what_the_served_processor_would() -> None:
     assert budget.target(100, 100) == (100, 100)  # within the budget: never an upscale
     p = prepare_image(_png(2000, 1500), budget=budget)
     assert (p.width, p.height) == budget.target(2000, 1500) == (112, 84) and p.mime == "image/jpeg"
+    photo = io.BytesIO()  # a JPEG is decoded at a reduced scale for a small budget: every byte is still decoded
+    Image.open(io.BytesIO(load_samples()[0].image.read_bytes())).resize((2000, 1500)).save(photo, format="JPEG", quality=90)
+    small_jpeg = prepare_image(photo.getvalue(), budget=budget)
+    assert (small_jpeg.width, small_jpeg.height) == (112, 84)
+    with pytest.raises(ImageRejectedError, match="truncated"):
+        prepare_image(photo.getvalue()[: len(photo.getvalue()) * 2 // 3], budget=budget)
+    large = prepare_image(_png(3000, 1000), budget=PixelBudget(12_845_056))  # stock Qwen2-VL: the 1,024 px cap still holds
+    assert (large.width, large.height) == (1024, 341)  # within the budget once capped: the server rounds it to 28s
     small = load_samples()[0].image.read_bytes()  # 256 x 256 = 65,536 px: over this budget
     assert (prepare_image(small, budget=PixelBudget(70_000)).data) == small
     assert (prepare_image(small, budget=budget).width, prepare_image(small, budget=budget).height) == (112, 112)

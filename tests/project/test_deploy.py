@@ -33,6 +33,7 @@ from typing import Any, Union, get_args, get_origin
 import pytest
 import yaml
 
+from inference.images import PixelBudget
 from tests.support import REPO
 
 DEPLOY = REPO / "deploy"
@@ -170,6 +171,9 @@ def test_vllm_args_are_what_opal_serve_renders(name: str, monkeypatch: pytest.Mo
     docs = rendered(name)
     s = settings_from(config_env(docs), monkeypatch)
     assert s.vllm.device == "cuda"
+    # workers cannot read the served model's folder here: its image budget is a setting, equal to the model's own
+    shipped_budget = PixelBudget.from_preprocessor(json.loads((SHIPPED_MODEL / "preprocessor_config.json").read_text()))
+    assert shipped_budget is not None and s.vllm.max_pixels == shipped_budget.max_pixels
     want = expected_vllm_args(s.vllm)
     assert "--structured-outputs-config" in want and "--gpu-memory-utilization" in want
     assert want[want.index("--served-model-name") + 1] == served_name(SHIPPED_MODEL)
@@ -201,6 +205,7 @@ def test_vllm_args_are_what_opal_serve_renders(name: str, monkeypatch: pytest.Mo
     if name == "base":
         services = compose()["services"]
         compose_settings = settings_from(services["enrich-worker"]["environment"], monkeypatch)
+        assert compose_settings.vllm.max_pixels == shipped_budget.max_pixels
         assert services["vllm"]["command"] == expected_vllm_args(compose_settings.vllm)
         instructions = dockerfile("model.Dockerfile")
         cmd = [json.loads(a) for i, a in instructions if i == "CMD"][-1]

@@ -127,9 +127,11 @@ class FakeMessage:
 
 
 class BatchLoader(CountingLoader):
-    """Local reads for file:// URIs (the batch pass's fetch_local); ``bad.jpg`` is refused."""
+    """Local reads for file:// URIs (the batch pass's fetch_local), None for https://; ``bad.jpg`` is refused."""
 
     def fetch_local(self, uri: str) -> FetchedImage | None:
+        if uri.startswith("https://"):
+            return None  # the network: fetch()
         self.fetches += 1
         if uri.endswith("bad.jpg"):
             raise ImageRejectedError("corrupt JPEG image: bad")
@@ -159,11 +161,29 @@ class BatchCache:
 
 
 class RecordingProducer:
+    """Records what is produced; ``poll`` acknowledges it all (calls the delivery callbacks, as librdkafka does)."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self._callbacks: list[Any] = []
 
     def produce(self, topic: str, value: bytes, key: bytes | None = None, on_delivery: Any = None) -> None:
         self.sent.append((topic, key, value))
+        self._callbacks.append(on_delivery)
+
+    def poll(self, timeout: float = 0) -> int:
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(None, None)
+        return len(callbacks)
+
+
+class StoringConsumer:
+    def __init__(self) -> None:
+        self.stored: list[tuple[str, int, int]] = []
+
+    def store_offsets(self, offsets: list[Any]) -> None:
+        self.stored += [(tp.topic, tp.partition, tp.offset) for tp in offsets]
 
 
 def test_a_poll_batch_is_looked_up_with_one_mget_and_only_misses_and_failures_get_a_task_of_their_own() -> None:
@@ -171,30 +191,67 @@ def test_a_poll_batch_is_looked_up_with_one_mget_and_only_misses_and_failures_ge
 
     s = OpalSettings()
     codec: EventCodec[ListingImageEvent] = EventCodec(ListingImageEvent)
-    loader, producer = BatchLoader(), RecordingProducer()
+    loader, producer, consumer = BatchLoader(), RecordingProducer(), StoringConsumer()
     hit = PHOTO + b"file:///img/hit.jpg"
     cache = BatchCache(hashlib.sha256(hit).hexdigest())
-    w = EnrichWorker(s, {}, producer, None, loader, cache, default_categories(), codec, EventCodec(AspectEvent), EventCodec(DeadLetter))  # type: ignore[arg-type]
+    w = EnrichWorker(
+        s,
+        {Lane.REALTIME: consumer},
+        producer,
+        None,
+        loader,
+        cache,
+        default_categories(),
+        codec,
+        EventCodec(AspectEvent),
+        EventCodec(DeadLetter),  # type: ignore[dict-item, arg-type]
+    )
+    topic = s.topics.images_realtime
+    w.assigned.add((topic, 0))
 
-    def event(i: int, name: str) -> bytes:
-        return codec.encode(ListingImageEvent(listing_id=f"l{i}", category="shoes", images=[ImageRef(uri=f"file:///img/{name}")]))
+    def event(i: int, uri: str) -> bytes:
+        return codec.encode(ListingImageEvent(listing_id=f"l{i}", category="shoes", images=[ImageRef(uri=uri)]))
 
-    values = [event(0, "hit.jpg"), event(1, "miss.jpg"), b"\x00not avro", event(3, "bad.jpg"), event(4, "hit.jpg")]
+    values = [
+        event(0, "file:///img/hit.jpg"),
+        event(1, "file:///img/miss.jpg"),
+        b"\x00not avro",
+        event(3, "file:///img/bad.jpg"),
+        event(4, "https://cdn.example.com/hit.jpg"),  # fetched over http (the loader's fetch gives the hit photo's bytes)
+        event(5, "file:///img/hit.jpg"),
+    ]
     jobs = [w._start(FakeMessage(i, v)) for i, v in enumerate(values)]  # type: ignore[arg-type]
+    assert w._held == {Lane.REALTIME: 6, Lane.BACKFILL: 0}
     spawned: list[_Job] = []
     w._spawn = spawned.append  # type: ignore[method-assign]
+    loader.fetch = lambda uri: _fetched(hit)  # type: ignore[method-assign, assignment]
     asyncio.run(w._run_batch(jobs))
 
-    assert cache.mgets == [3] and cache.gets == 0  # the three records that got as far as the look-up, in one MGET
-    assert [(t, k) for t, k, _ in producer.sent] == [(s.topics.aspects, b"l0"), (s.topics.aspects, b"l4")]
+    # local records in one MGET, produced before the http one is fetched; then the http one in its own MGET
+    assert cache.mgets == [3, 1] and cache.gets == 0
+    assert [(tp, k) for tp, k, _ in producer.sent] == [(s.topics.aspects, b"l0"), (s.topics.aspects, b"l5"), (s.topics.aspects, b"l4")]
     hit_event = EventCodec(AspectEvent).decode(producer.sent[0][2])
     assert hit_event.cache_hit and hit_event.title == "A red shoe" and hit_event.image_sha256 == cache.hit_digest
     assert [(j.msg.offset(), type(j.error).__name__) for j in spawned] == [(2, "DecodeError"), (3, "ImageRejectedError"), (1, "NoneType")]
-    assert spawned[2].fetched is not None and spawned[2].event is not None  # the miss keeps what the batch did
+    assert spawned[2].fetched is not None and spawned[2].event is not None and spawned[2].looked_up  # the miss keeps what was done
+    assert w.metrics.cache_hits._value.get() == 3 and w.metrics.cache_misses._value.get() == 1
+
+    # acknowledged: released, and the offset stored only up to the first record still out (offset 1, the miss)
+    w._poll(0)
+    assert w._held == {Lane.REALTIME: 3, Lane.BACKFILL: 0} and consumer.stored == [(topic, 0, 1)]
 
     # the record's own task takes the batch pass's failure as its first attempt's: a dead letter with the reason
     asyncio.run(w._process(spawned[0]))
     asyncio.run(w._process(spawned[1]))
-    dead = [EventCodec(DeadLetter).decode(v) for t, _, v in producer.sent if t == s.topics.dead_letters]
+    dead = [EventCodec(DeadLetter).decode(v) for tp, _, v in producer.sent if tp == s.topics.dead_letters]
     assert [(d.origin_offset, d.error_kind, d.attempts) for d in dead] == [(2, "malformed_event", 1), (3, "invalid_image", 1)]
-    assert loader.fetches == 4  # the refused image was not read again
+    assert loader.fetches == 4  # each file image read once: the refused one was not read again by its own task
+    w._poll(0)
+    assert w._held == {Lane.REALTIME: 1, Lane.BACKFILL: 0} and consumer.stored == [(topic, 0, 1)]  # 1 still holds the prefix
+
+
+def _fetched(data: bytes) -> Any:
+    async def fetch() -> FetchedImage:
+        return FetchedImage(data, inspect_image(data))
+
+    return fetch()

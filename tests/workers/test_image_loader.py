@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -98,6 +99,16 @@ def test_symlink_out_of_root_is_refused(tmp_path: Path) -> None:
     (root / "link.jpg").symlink_to(outside)
     with pytest.raises(ImageRejectedError, match="outside the allowed root"):
         _load(_loader(root), (root / "link.jpg").as_uri())
+
+
+def test_special_files_in_the_root_are_refused_without_opening_them(tmp_path: Path) -> None:
+    """A FIFO would block a plain open and a device's driver would run: neither is opened for reading."""
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    (tmp_path / "dir.jpg").mkdir()
+    for name, msg in [("fifo.jpg", "not a regular file"), ("zero.jpg", "outside the allowed root"), ("dir.jpg", "is a directory")]:
+        with pytest.raises(ImageRejectedError, match=msg):
+            _load(_loader(tmp_path), (tmp_path / name).as_uri())
 
 
 def test_http_allow_list_and_guards(http_base: str) -> None:
