@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opal.vllm_server import served_name, vllm_argv, vllm_env
+from opal.vllm_server import link_inductor_temp, served_name, vllm_argv, vllm_env
 from schemas.settings import VllmSettings
 
 
@@ -28,6 +28,10 @@ def test_cpu_flags(tmp_path: Path) -> None:
     first, again = vllm_env(s, tmp_path / "run-1", tmp_path), vllm_env(s, tmp_path / "run-2", tmp_path)
     assert first["TORCHINDUCTOR_CACHE_DIR"] == again["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "opal@v9" / "inductor")
     assert first["VLLM_CACHE_ROOT"] == str(tmp_path / "cc" / "opal@v9" / "vllm") and "TRITON_CACHE_DIR" in first
+    # inductor's precompiled headers go to <TMPDIR>/torchinductor_<user> whatever its cache dir says: linked to the cache
+    for env in (first, again, first):  # idempotent
+        link = link_inductor_temp(env)
+        assert link is not None and link.is_symlink() and link.resolve() == Path(first["TORCHINDUCTOR_CACHE_DIR"]).resolve()
 
 
 def test_gpu_flags(tmp_path: Path) -> None:
