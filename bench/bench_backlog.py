@@ -13,8 +13,6 @@ processed, and the ratio big/small of peak RSS (bounded memory: close to 1.0).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 import uuid
@@ -23,7 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from opal.embedded import EmbeddedStack, settings_env  # noqa: E402
+from bench.bench_worker import spawn_enrich_worker  # noqa: E402
+from opal.embedded import EmbeddedStack, free_port  # noqa: E402
 from opal.samples import load_samples, sample_event  # noqa: E402
 from opal.vllm_server import start_vllm  # noqa: E402
 from schemas.events import ListingImageEvent  # noqa: E402
@@ -60,17 +59,9 @@ def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, flo
             p.poll(0)
     p.flush(120)
     print(f"  published {n} events in {time.perf_counter() - t0:.1f} s", flush=True)
-    outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
     s = s.model_copy(update={"worker": s.worker.model_copy(update={"allowed_file_root": REPO / "data" / "sample"})})
-    env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}"}
-    port = 9400 + int(tag[:2], 16) % 100
-    w = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    port = free_port()
+    w = spawn_enrich_worker(s, url, f"bench-{tag}", port)
     samples_mb: list[float] = []
     try:
         t0 = time.monotonic()

@@ -24,9 +24,7 @@ The last line is ``realtime: p99 added <idle> ms idle, <backlog> ms under a <N> 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -36,16 +34,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.bench_worker import metric, miss_events, publish, wait_outputs  # noqa: E402
-from opal.embedded import EmbeddedStack, free_port, settings_env  # noqa: E402
+from bench.bench_worker import metric, miss_events, publish, running_worker, wait_outputs  # noqa: E402
 from opal.plots import histogram_png  # noqa: E402
 from opal.samples import load_samples, sample_event  # noqa: E402
-from opal.vllm_server import start_vllm  # noqa: E402
 from schemas.events import AspectEvent, ListingImageEvent  # noqa: E402
 from schemas.serde import CodecSet  # noqa: E402
-from schemas.settings import OpalSettings, TopicSettings  # noqa: E402
-from topology.admin import apply_topology  # noqa: E402
-from topology.declared import build_topology  # noqa: E402
+from schemas.settings import OpalSettings  # noqa: E402
 from workers.kafka_clients import make_consumer, make_producer  # noqa: E402
 
 TARGET_MS = 100.0
@@ -143,64 +137,34 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0, help="Realtime events a second.")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "opal-tiny-abo")
     args = ap.parse_args()
-    base = OpalSettings()
-    run_dir = (REPO / ".opal" / "run" / "bench-realtime").resolve()
-    s0 = base.model_copy(update={"embedded": base.embedded.model_copy(update={"run_dir": run_dir})})
-    print(f"starting tansu, valkey and vLLM ({args.model.name}) ...", flush=True)
-    with EmbeddedStack(s0) as stack:
-        vllm, url = start_vllm(args.model, stack.settings.vllm, run_dir, timeout_s=600)
+    with running_worker("bench-realtime", args.model) as run:
+        s, port = run.settings, run.port
+        samples = [sample_event(x) for x in load_samples()]
+        fresh = miss_events(samples, 2 * args.realtime, run.run_dir / "realtime-photos")
+        idle_events = [ev.model_copy(update={"listing_id": f"rt-idle-{i}"}) for i, ev in enumerate(fresh[: args.realtime])]
+        busy_events = [ev.model_copy(update={"listing_id": f"rt-busy-{i}"}) for i, ev in enumerate(fresh[args.realtime :])]
+        reader = Reader(s, b"rt-")
+        reader.start()
         try:
-            tag = uuid.uuid4().hex[:6]
-            s = stack.settings.model_copy(
-                update={
-                    "topics": TopicSettings.suffixed(tag, 3),
-                    "redis": stack.settings.redis.model_copy(update={"key_prefix": f"bench-{tag}:"}),
-                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": REPO}),
-                }
-            )
-            from confluent_kafka.admin import AdminClient
-
-            apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
-            samples = [sample_event(x) for x in load_samples()]
-            fresh = miss_events(samples, 2 * args.realtime, run_dir / f"realtime-photos-{tag}")
-            idle_events = [ev.model_copy(update={"listing_id": f"rt-idle-{i}"}) for i, ev in enumerate(fresh[: args.realtime])]
-            busy_events = [ev.model_copy(update={"listing_id": f"rt-busy-{i}"}) for i, ev in enumerate(fresh[args.realtime :])]
-            port = free_port()
-            outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
-            env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}"}
-            worker = subprocess.Popen(
-                [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
-                env=env,
-                cwd=REPO,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            reader = Reader(s, b"rt-")
-            reader.start()
-            try:
-                print("warming the cache: 40 photos through the model ...", flush=True)
-                publish(s, [ev.model_copy(update={"listing_id": f"warm{i}"}) for i, ev in enumerate(samples)])
-                wait_outputs(port, len(samples), 600)
-                print(f"idle: {args.realtime} realtime events at {args.rate:g}/s ...", flush=True)
-                idle_sent = stream(s, idle_events, args.rate, samples[0].model_copy(update={"listing_id": "warm-idle"}))
-                wait_seen(reader, list(idle_sent), 300)
-                print(f"backlog: publishing {args.backlog:,} backfill events ...", flush=True)
-                backlog = [
-                    samples[i % len(samples)].model_copy(update={"listing_id": f"bf{i}", "event_id": str(uuid.uuid4())})
-                    for i in range(args.backlog)
-                ]
-                publish(s, backlog, topic=s.topics.images_backfill)
-                done0 = metric(port, 'opal_enrich_consumed_total{lane="BACKFILL"}')
-                print(f"  the worker had taken {done0:,.0f} of them; realtime stream starts", flush=True)
-                busy_sent = stream(s, busy_events, args.rate, samples[1].model_copy(update={"listing_id": "warm-busy"}))
-                wait_seen(reader, list(busy_sent), 600)
-                taken = metric(port, 'opal_enrich_consumed_total{lane="BACKFILL"}')
-            finally:
-                reader.stop.set()
-                worker.terminate()
-                worker.wait(60)
+            print("warming the cache: 40 photos through the model ...", flush=True)
+            publish(s, [ev.model_copy(update={"listing_id": f"warm{i}"}) for i, ev in enumerate(samples)])
+            wait_outputs(port, len(samples), 600)
+            print(f"idle: {args.realtime} realtime events at {args.rate:g}/s ...", flush=True)
+            idle_sent = stream(s, idle_events, args.rate, samples[0].model_copy(update={"listing_id": "warm-idle"}))
+            wait_seen(reader, list(idle_sent), 300)
+            print(f"backlog: publishing {args.backlog:,} backfill events ...", flush=True)
+            backlog = [
+                samples[i % len(samples)].model_copy(update={"listing_id": f"bf{i}", "event_id": str(uuid.uuid4())})
+                for i in range(args.backlog)
+            ]
+            publish(s, backlog, topic=s.topics.images_backfill)
+            done0 = metric(port, 'opal_enrich_consumed_total{lane="BACKFILL"}')
+            print(f"  the worker had taken {done0:,.0f} of them; realtime stream starts", flush=True)
+            busy_sent = stream(s, busy_events, args.rate, samples[1].model_copy(update={"listing_id": "warm-busy"}))
+            wait_seen(reader, list(busy_sent), 600)
+            taken = metric(port, 'opal_enrich_consumed_total{lane="BACKFILL"}')
         finally:
-            vllm.stop()
+            reader.stop.set()
     idle, busy = summary(idle_sent, reader), summary(busy_sent, reader)
     in_progress = taken < args.backlog
     print(f"\nbackfill records taken by the last realtime output: {taken:,.0f} of {args.backlog:,} (backlog in progress: {in_progress})")

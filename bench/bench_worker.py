@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,69 @@ from topology.declared import build_topology  # noqa: E402
 from workers.kafka_clients import make_producer  # noqa: E402
 
 TARGET = 5000  # records/s per core (issue 15)
+
+
+@dataclass
+class WorkerRun:
+    """An embedded stack with vLLM and one `opal worker enrich` subprocess (see :func:`running_worker`)."""
+
+    settings: OpalSettings  # topics and cache keys of this run's own
+    url: str  # vLLM's base URL
+    port: int  # the worker's /metrics port
+    worker: subprocess.Popen[bytes]
+    run_dir: Path
+
+    def stop_worker(self) -> None:
+        """SIGTERM the worker and wait for it (idempotent)."""
+        if self.worker.poll() is None:
+            self.worker.terminate()
+            self.worker.wait(60)
+
+
+def spawn_enrich_worker(s: OpalSettings, url: str, group: str, port: int) -> subprocess.Popen[bytes]:
+    """`opal worker enrich` as a subprocess on settings ``s`` (nothing else from this process's OPAL_ variables),
+    vLLM at ``url``, consumer-group prefix ``group``, /metrics on ``port``."""
+    outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
+    env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": group}
+    return subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@contextlib.contextmanager
+def running_worker(name: str, model: Path) -> Iterator[WorkerRun]:
+    """Tansu, valkey and vLLM (``model``) under ``.opal/run/<name>``, topics and cache keys of their own (created),
+    file images allowed under the repository, and `opal worker enrich` running on them; all stopped on exit."""
+    base = OpalSettings()
+    run_dir = (REPO / ".opal" / "run" / name).resolve()
+    s0 = base.model_copy(update={"embedded": base.embedded.model_copy(update={"run_dir": run_dir})})
+    print(f"starting tansu, valkey and vLLM ({model.name}) ...", flush=True)
+    with EmbeddedStack(s0) as stack:
+        vllm, url = start_vllm(model, stack.settings.vllm, run_dir, timeout_s=600)
+        try:
+            tag = uuid.uuid4().hex[:6]
+            s = stack.settings.model_copy(
+                update={
+                    "topics": TopicSettings.suffixed(tag, 3),
+                    "redis": stack.settings.redis.model_copy(update={"key_prefix": f"bench-{tag}:"}),
+                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": REPO}),  # samples and new photos
+                }
+            )
+            from confluent_kafka.admin import AdminClient
+
+            apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+            port = free_port()
+            run = WorkerRun(s, url, port, spawn_enrich_worker(s, url, f"bench-{tag}", port), run_dir / tag)
+            try:
+                yield run
+            finally:
+                run.stop_worker()
+        finally:
+            vllm.stop()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -202,72 +267,38 @@ def main() -> None:
     ap.add_argument("--misses", type=int, default=1000, help="Cache-miss events measured after the hits (0: none).")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "opal-tiny-abo")
     args = ap.parse_args()
-    base = OpalSettings()
-    run_dir = (REPO / ".opal" / "run" / "bench-worker").resolve()
-    s0 = base.model_copy(update={"embedded": base.embedded.model_copy(update={"run_dir": run_dir})})
-    print(f"starting tansu, valkey and vLLM ({args.model.name}) ...", flush=True)
-    with EmbeddedStack(s0) as stack:
-        vllm, url = start_vllm(args.model, stack.settings.vllm, run_dir, timeout_s=600)
-        try:
-            tag = uuid.uuid4().hex[:6]
-            s = stack.settings.model_copy(
-                update={
-                    "topics": TopicSettings.suffixed(tag, 3),
-                    "redis": stack.settings.redis.model_copy(update={"key_prefix": f"bench-{tag}:"}),
-                    "worker": stack.settings.worker.model_copy(update={"allowed_file_root": REPO}),  # samples and miss photos
-                }
+    with running_worker("bench-worker", args.model) as run:
+        s, port = run.settings, run.port
+        samples = [sample_event(x) for x in load_samples()]
+        print("warming the cache: 40 photos through the model ...", flush=True)
+        publish(s, [ev.model_copy(update={"listing_id": f"warm{i}"}) for i, ev in enumerate(samples)])
+        wait_outputs(port, len(samples), 600)
+        n = args.events
+        events = [samples[i % len(samples)].model_copy(update={"listing_id": f"b{i}", "event_id": str(uuid.uuid4())}) for i in range(n)]
+        print(f"publishing {n:,} cache-hit events ...", flush=True)
+        cpu0, t0 = cpu_seconds(run.worker.pid), time.monotonic()
+        publish(s, events)
+        wait_outputs(port, len(samples) + n, 900)
+        cpu, wall = cpu_seconds(run.worker.pid) - cpu0, time.monotonic() - t0
+        if args.misses:
+            misses = miss_events(samples, args.misses, run.run_dir / "miss-photos")
+            print(f"publishing {len(misses):,} cache-miss events (photos new to the cache) ...", flush=True)
+            requests0 = metric(port, "opal_enrich_model_requests_total ")
+            mcpu0, mt0 = cpu_seconds(run.worker.pid), time.monotonic()
+            publish(s, misses)
+            wait_outputs(port, len(samples) + n + len(misses), 1800)
+            mcpu, mwall = cpu_seconds(run.worker.pid) - mcpu0, time.monotonic() - mt0
+            requests = metric(port, "opal_enrich_model_requests_total ") - requests0
+        run.stop_worker()
+        per_us = cpu / n * 1e6
+        print(f"\n{n:,} cache-hit records: worker CPU {cpu:.2f} s ({per_us:,.0f} µs a record), wall {wall:.1f} s ({n / wall:,.0f}/s)")
+        if args.misses:
+            print(
+                f"{args.misses:,} cache-miss records: {requests:,.0f} model requests, worker CPU {mcpu:.2f} s "
+                f"({mcpu / max(requests, 1) * 1000:.2f} ms per model request: {max(requests, 1) / mcpu:,.0f} requests/s per core), "
+                f"wall {mwall:.1f} s ({args.misses / mwall:,.0f}/s, the served model's pace)"
             )
-            from confluent_kafka.admin import AdminClient
-
-            apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
-            samples = [sample_event(x) for x in load_samples()]
-            port = free_port()
-            outside = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
-            env = settings_env(s, outside) | {"OPAL_VLLM_ENDPOINTS": f'["{url}"]', "OPAL_WORKER_GROUP_ID": f"bench-{tag}"}
-            worker = subprocess.Popen(
-                [str(REPO / ".venv" / "bin" / "opal"), "worker", "enrich", "--log-level", "WARNING", "--metrics-port", str(port)],
-                env=env,
-                cwd=REPO,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                print("warming the cache: 40 photos through the model ...", flush=True)
-                publish(s, [ev.model_copy(update={"listing_id": f"warm{i}"}) for i, ev in enumerate(samples)])
-                wait_outputs(port, len(samples), 600)
-                n = args.events
-                events = [
-                    samples[i % len(samples)].model_copy(update={"listing_id": f"b{i}", "event_id": str(uuid.uuid4())}) for i in range(n)
-                ]
-                print(f"publishing {n:,} cache-hit events ...", flush=True)
-                cpu0, t0 = cpu_seconds(worker.pid), time.monotonic()
-                publish(s, events)
-                wait_outputs(port, len(samples) + n, 900)
-                cpu, wall = cpu_seconds(worker.pid) - cpu0, time.monotonic() - t0
-                if args.misses:
-                    misses = miss_events(samples, args.misses, run_dir / f"miss-photos-{tag}")
-                    print(f"publishing {len(misses):,} cache-miss events (photos new to the cache) ...", flush=True)
-                    requests0 = metric(port, "opal_enrich_model_requests_total ")
-                    mcpu0, mt0 = cpu_seconds(worker.pid), time.monotonic()
-                    publish(s, misses)
-                    wait_outputs(port, len(samples) + n + len(misses), 1800)
-                    mcpu, mwall = cpu_seconds(worker.pid) - mcpu0, time.monotonic() - mt0
-                    requests = metric(port, "opal_enrich_model_requests_total ") - requests0
-            finally:
-                worker.terminate()
-                worker.wait(60)
-            per_us = cpu / n * 1e6
-            print(f"\n{n:,} cache-hit records: worker CPU {cpu:.2f} s ({per_us:,.0f} µs a record), wall {wall:.1f} s ({n / wall:,.0f}/s)")
-            if args.misses:
-                print(
-                    f"{args.misses:,} cache-miss records: {requests:,.0f} model requests, worker CPU {mcpu:.2f} s "
-                    f"({mcpu / max(requests, 1) * 1000:.2f} ms per model request: {max(requests, 1) / mcpu:,.0f} requests/s per core), "
-                    f"wall {mwall:.1f} s ({args.misses / mwall:,.0f}/s, the served model's pace)"
-                )
-            version = _served_version(url)
-            timed = stages(s, events, version)
-        finally:
-            vllm.stop()
+        timed = stages(s, events, _served_version(run.url))
     per_record_us = cpu / n * 1e6
     rate = n / cpu
     print(f"\n{'stage (this process, 2,000 records)':<44}{'µs':>8}{'share':>8}")

@@ -201,6 +201,7 @@ class ListingClient:
             raise ValueError("ListingClient needs at least one endpoint")
         self._endpoints = [_Endpoint(e.rstrip("/")) for e in endpoints]
         self._model = model
+        self._models_listing: dict[str, Any] | None = None  # the GET /models answer, when the model name came from it
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._sem = asyncio.Semaphore(max_concurrency)
         self.timeout_s = timeout_s
@@ -349,7 +350,9 @@ class ListingClient:
         declares none. Never raises for a missing or unreadable config; connection errors propagate as for
         :meth:`served_model`."""
         model = await self._served_model_with_retry()
-        resp, _, _ = await self._request_with_retry("GET", "/models", None)
+        resp = self._models_listing
+        if resp is None:  # the model name was configured: nothing listed yet
+            resp, _, _ = await self._request_with_retry("GET", "/models", None)
         models = resp.get("data") if isinstance(resp, dict) else None
         root = next((m.get("root") for m in models or [] if isinstance(m, dict) and m.get("id") == model), None)
         if not isinstance(root, str) or not root:
@@ -366,6 +369,7 @@ class ListingClient:
             return self._model
         resp, _, _ = await self._request_with_retry("GET", "/models", None)
         self._model = str(resp["data"][0]["id"])
+        self._models_listing = resp  # pixel_budget() reads the model's root from it: one GET at start
         return self._model
 
     async def _request_with_retry(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[dict[str, Any], str, int]:

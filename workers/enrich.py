@@ -23,6 +23,10 @@ Delivery contract (at-least-once, nothing dropped)
   it answers; then partitions resume and the waiting records go on.
 - Concurrent cache misses on the same (model version, category, images) key share one
   model request (single flight).
+- A poll batch is handled as a batch first (:meth:`EnrichWorker._run_batch`): decoded, its
+  images read and header-checked (no pixel decoded), one MGET, its cache hits produced in a
+  loop. A miss or a failure continues in a task of its own, which treats the batch pass's
+  failure as its first attempt's; the contract above holds for both paths alike.
 - The output path cannot wedge a partition: a dead letter always fits (raw value cut to
   ``worker.dead_letter_max_value_bytes`` with its size and SHA-256 kept); an AspectEvent
   the broker or librdkafka refuses as too large becomes an ``output_too_large`` dead
