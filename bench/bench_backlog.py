@@ -45,7 +45,7 @@ def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, flo
 
     tag = uuid.uuid4().hex[:6]
     topics = TopicSettings.suffixed(tag, 3)
-    s = s.model_copy(update={"topics": topics})
+    s = s.model_copy(update={"topics": topics, "redis": s.redis.model_copy(update={"key_prefix": f"bench-{tag}:"})})  # a cold cache each
     apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
     codec = EventCodec(ListingImageEvent)
     samples = load_samples()

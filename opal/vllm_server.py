@@ -97,18 +97,22 @@ def link_inductor_temp(env: dict[str, str]) -> Path | None:
         return None
     try:
         user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
-    except (KeyError, OSError):
-        return None
-    link, target = Path(tmp) / f"torchinductor_{user}", Path(cache)
-    target.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink():
-        if link.resolve() == target.resolve():
+        link, target = Path(tmp) / f"torchinductor_{user}", Path(cache)
+        target.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and link.resolve() == target.resolve():
             return link
-        link.unlink()
-    elif link.exists():
+        if link.exists() and not link.is_symlink():
+            log.info("%s is a folder of its own: compiled headers there are not shared", link)
+            return None
+        # made under a name of its own, then renamed over: servers starting at once never see half a link
+        staged = link.with_name(f"{link.name}.{os.getpid()}")
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(target, target_is_directory=True)
+        os.replace(staged, link)
+        return link
+    except (KeyError, OSError) as e:  # only a speed-up: the server starts all the same
+        log.warning("could not link inductor's temp folder to the compile cache (%s); a restart will compile again", e)
         return None
-    link.symlink_to(target, target_is_directory=True)
-    return link
 
 
 def vllm_env(settings: VllmSettings, run_dir: Path, model_dir: Path | None = None) -> dict[str, str]:

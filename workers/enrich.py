@@ -647,11 +647,11 @@ class EnrichWorker:
                 job.looked_up = self.cache is not None
                 self._spawn(job)  # to the model
                 continue
+            hits += 1
             try:
                 out = self._hit_event(event, job, schema, digest, entry, job.image_ms)
                 self._produce(job, self.s.topics.aspects, event.listing_id.encode(), self.aspect_codec.encode(out), None)
-                hits += 1
-            except Exception as e:
+            except Exception as e:  # e.g. an output over the size limit: a dead letter from the record's own task
                 job.error = e
                 self._spawn(job)
         self.metrics.cache_hits.inc(hits)

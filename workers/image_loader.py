@@ -128,6 +128,7 @@ class ImageLoader:
         self.timeout_s = timeout_s
         self.allow_private = allow_private_addresses
         self.budget: PixelBudget | None = None  # the served model's image budget, once known (see EnrichWorker.run)
+        self._by_descriptor = bool(O_PATH) and os.path.isdir("/proc/self/fd")  # else resolve, then open (sandboxes without /proc)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), follow_redirects=False)
 
     @classmethod
@@ -209,8 +210,8 @@ class ImageLoader:
         No per-record resolve: the path must lie under the root as written (after normalising ``..``); then, on
         Linux, the file is named with ``O_PATH`` (symbolic links followed by the kernel, nothing opened for I/O),
         the kernel's path of that descriptor (``/proc/self/fd``) must lie under the resolved root and it must be a
-        regular file, and only then is that same file opened for reading (non-blocking). Without ``O_PATH`` the
-        path is resolved first, as a fallback."""
+        regular file, and only then is that same file opened for reading (non-blocking). Without ``O_PATH`` or
+        ``/proc`` the path is resolved first, as a fallback."""
         if self.root is None:
             raise ImageRejectedError("file:// images are disabled (set OPAL_WORKER_ALLOWED_FILE_ROOT)")
         if parsed.netloc not in ("", "localhost"):
@@ -223,27 +224,23 @@ class ImageLoader:
             path = os.path.normpath(os.path.join(os.getcwd(), raw_path) if not os.path.isabs(raw_path) else raw_path)
             if not any(path.startswith(prefix) for prefix in self._lexical_roots):
                 raise outside
-            if O_PATH:
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            if self._by_descriptor:
                 ref = os.open(path, O_PATH | os.O_CLOEXEC)
                 try:
                     if not os.readlink(f"/proc/self/fd/{ref}").startswith(root_prefix):
                         raise outside
-                    st = os.fstat(ref)
-                    self._check_regular(st, shown)
-                    fd = os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)  # that same file
+                    self._check_regular(os.fstat(ref), shown)
+                    fd = os.open(f"/proc/self/fd/{ref}", flags)  # that same file
                 finally:
                     os.close(ref)
             else:
                 if not os.path.realpath(path).startswith(root_prefix):
                     raise outside
-                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-                st = os.fstat(fd)
-                try:
-                    self._check_regular(st, shown)
-                except BaseException:
-                    os.close(fd)
-                    raise
+                fd = os.open(path, flags)
             try:
+                st = os.fstat(fd)
+                self._check_regular(st, shown)
                 return _read_fd(fd, st.st_size, self.max_bytes)
             finally:
                 os.close(fd)

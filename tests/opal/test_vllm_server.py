@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from opal.vllm_server import link_inductor_temp, served_name, vllm_argv, vllm_env
@@ -29,9 +30,14 @@ def test_cpu_flags(tmp_path: Path) -> None:
     assert first["TORCHINDUCTOR_CACHE_DIR"] == again["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "opal@v9" / "inductor")
     assert first["VLLM_CACHE_ROOT"] == str(tmp_path / "cc" / "opal@v9" / "vllm") and "TRITON_CACHE_DIR" in first
     # inductor's precompiled headers go to <TMPDIR>/torchinductor_<user> whatever its cache dir says: linked to the cache
-    for env in (first, again, first):  # idempotent
-        link = link_inductor_temp(env)
-        assert link is not None and link.is_symlink() and link.resolve() == Path(first["TORCHINDUCTOR_CACHE_DIR"]).resolve()
+    try:
+        for each in (first, again, first):  # idempotent
+            link = link_inductor_temp(each)
+            assert link is not None and link.is_symlink() and link.resolve() == Path(first["TORCHINDUCTOR_CACHE_DIR"]).resolve()
+        assert [p.name for p in Path(first["TMPDIR"]).iterdir()] == [link.name]  # no staged link left behind
+    finally:
+        for e in (env, first, again):  # long run dirs get a temp folder under /tmp: leave none behind
+            shutil.rmtree(e["TMPDIR"], ignore_errors=True)
 
 
 def test_gpu_flags(tmp_path: Path) -> None:
