@@ -87,21 +87,19 @@ def inspect_image(data: bytes, max_bytes: int = 10 * 1024 * 1024, max_pixels: in
     fmt = sniff(data)
     if fmt is None:
         raise ImageRejectedError(f"not a JPEG/PNG/WebP/GIF image (starts with {data[:8].hex()})")
+    # read from the frame header itself; other formats, and anything unusual, go to PIL, which says what is wrong
     size = _jpeg_size(data) if fmt == "JPEG" else _png_size(data) if fmt == "PNG" else None
-    if size is not None:  # read from the frame header itself; anything unusual goes to PIL, which says what is wrong
-        w, h = size
-        if w * h > max_pixels:
-            raise ImageRejectedError(f"image is {w}x{h} = {w * h} pixels, limit {max_pixels}")
-        return ImageHeader(fmt, w, h, hashlib.sha256(data).hexdigest())
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=[fmt]) as probe:  # reads the header only
-                w, h = probe.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejectedError(f"decompression bomb: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageRejectedError(clean_message(f"corrupt {fmt} image: {type(e).__name__}: {e}", 500)) from None
+    if size is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data), formats=[fmt]) as probe:  # reads the header only
+                    size = probe.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageRejectedError(f"decompression bomb: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageRejectedError(clean_message(f"corrupt {fmt} image: {type(e).__name__}: {e}", 500)) from None
+    w, h = size
     if w * h > max_pixels:
         raise ImageRejectedError(f"image is {w}x{h} = {w * h} pixels, limit {max_pixels}")
     return ImageHeader(fmt, w, h, hashlib.sha256(data).hexdigest())

@@ -2,9 +2,9 @@
 
 Contract
 - ``get`` returns a stored :class:`CachedListing` or None; ``put`` stores one with
-  the configured TTL. Both are idempotent. Concurrent ``get`` calls made in one turn of the
-  event loop share one MGET, each with its own result; ``get_many`` asks for a whole poll
-  batch in one MGET without a waiter per key.
+  the configured TTL. Both are idempotent. Every look-up made in one turn of the event loop
+  (``get_many`` of a poll batch, concurrent ``get`` calls) shares one MGET, each call with its
+  own result.
 - A Redis failure never fails the event: ``get`` degrades to a miss and ``put`` to a
   no-op; both count it in ``errors`` and call ``on_error(op)`` (``"get"``, ``"put"``,
   ``"decode"``) so metrics show a sick cache.
@@ -77,36 +77,32 @@ class ResultCache:
         return f"{self.prefix}result:{model_version}:{category}:{digest}"
 
     async def get(self, model_version: str, category: str, digest: str) -> CachedListing | None:
-        """The stored listing or None. Look-ups made in the same turn of the event loop (the records of one poll
-        batch) share one MGET round trip; each still fails alone into a miss (and an error count)."""
+        """The stored listing or None (:meth:`get_many` of one key)."""
+        return (await self.get_many([(model_version, category, digest)]))[0]
+
+    async def get_many(self, keys: list[tuple[str, str, str]]) -> list[CachedListing | None]:
+        """The stored listing or None for each ``(model version, schema key, digest)``, in order. Every look-up
+        queued in the same turn of the event loop (a poll batch, concurrent gets) shares one MGET. A Redis
+        failure makes each key of this call a miss, counted once; an unreadable entry is a miss of its own."""
+        if not keys:
+            return []
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes | None] = loop.create_future()
-        self._pending.append((self.key(model_version, category, digest), fut))
+        futures: list[asyncio.Future[bytes | None]] = []
+        for k in keys:
+            fut: asyncio.Future[bytes | None] = loop.create_future()
+            self._pending.append((self.key(*k), fut))
+            futures.append(fut)
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush())
             self._flushes.add(self._flusher)  # a strong reference until it ends (asyncio keeps only weak ones)
             self._flusher.add_done_callback(self._flushes.discard)
         try:
-            raw = await fut
+            raws = [await fut for fut in futures]  # one flush answers them all, or fails them all
         except (RedisError, OSError) as e:
             self._error("get")
-            log.warning("result cache get failed (treated as a miss): %s", e)
-            return None
-        return self._listing(raw)
-
-    async def get_many(self, keys: list[tuple[str, str, str]]) -> list[CachedListing | None]:
-        """The stored listing or None for each ``(model version, schema key, digest)``, in order, with one MGET.
-        A Redis failure makes every one a miss (counted once); an unreadable entry is a miss of its own."""
-        if not keys:
-            return []
-        try:
-            values = await self._redis.mget([self.key(*k) for k in keys])
-        except (RedisError, OSError) as e:
-            self._error("get")
-            log.warning("result cache get of %d keys failed (treated as misses): %s", len(keys), e)
+            log.warning("result cache get of %d key(s) failed (treated as misses): %s", len(keys), e)
             return [None] * len(keys)
-        self.round_trips += 1
-        return [self._listing(raw) for raw in values]
+        return [self._listing(raw) for raw in raws]
 
     def _listing(self, raw: bytes | None) -> CachedListing | None:
         if raw is None:
