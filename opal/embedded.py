@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -377,10 +378,13 @@ class ManagedProcess:
     pid: int | None = None
     port: int | None = None
     tag: str | None = None
+    scratch: Path | None = None  # a folder of this process's own (its TMPDIR): removed by stop once it is gone
 
     def start(self) -> ManagedProcess:
         """Start the command; returns at once (readiness is the caller's check)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.scratch is not None:  # a restart after stop removed it
+            self.scratch.mkdir(parents=True, exist_ok=True)
         self.tag = f"{self.name}.{uuid.uuid4().hex[:12]}"
         env = {**os.environ, **self.env, SERVICE_TAG_ENV: self.tag}
         env.pop(OWNER_ENV, None)
@@ -489,6 +493,8 @@ class ManagedProcess:
                 time.sleep(0.05)
             if _listening(self.port):
                 log.warning("%s stopped but port %d is still held by another process", self.name, self.port)
+        if self.scratch is not None and not known:  # nothing of ours runs any more: nothing can be using it
+            shutil.rmtree(self.scratch, ignore_errors=True)
         if self in _LIVE:
             _LIVE.remove(self)
 
@@ -514,6 +520,7 @@ class ManagedProcess:
             "log": str(self.log_path),
             "port": self.port,
             "tag": self.tag,
+            "scratch": str(self.scratch) if self.scratch else None,
         }
 
     @classmethod
@@ -528,6 +535,7 @@ class ManagedProcess:
             pid=rec.get("pid"),
             port=rec.get("port"),
             tag=rec.get("tag"),
+            scratch=Path(rec["scratch"]) if rec.get("scratch") else None,
         )
 
 
@@ -792,7 +800,7 @@ def _restart_locked(run_dir: Path, state: dict[str, Any], name: str, timeout_s: 
     old.stop()
     if old.port is not None and _listening(old.port):
         raise ServiceStartError(f"{name}: port {old.port} is held by another process; cannot restart on the same address")
-    new = ManagedProcess(old.name, old.argv, old.log_path, env=old.env, attached=False, port=old.port)
+    new = ManagedProcess(old.name, old.argv, old.log_path, env=old.env, attached=False, port=old.port, scratch=old.scratch)
     new.start()
     rec = new.record() | {"restarts": int(state["processes"][i].get("restarts", 0)) + 1}
     state["processes"][i] = rec

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.request
@@ -115,16 +116,25 @@ def link_inductor_temp(env: dict[str, str]) -> Path | None:
         return None
 
 
-def vllm_env(settings: VllmSettings, run_dir: Path, model_dir: Path | None = None) -> dict[str, str]:
-    """The server's environment. With ``model_dir``, compiled kernels go to the model's :func:`compile_cache`;
-    without it (callers that only want the flags' environment) they stay under ``run_dir``."""
-    tmp = run_dir / "vllm-tmp"
-    if len(str(tmp)) > 48:  # vLLM puts zmq IPC sockets here; unix socket paths must stay under 107 bytes
-        import hashlib
-        import tempfile
+def scratch_dir(run_dir: Path) -> Path:
+    """A new, empty temp folder for one server (its ``TMPDIR``: vLLM's IPC sockets, inductor's header link).
 
-        tmp = Path(tempfile.gettempdir()) / f"opal-vllm-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    Under ``run_dir`` when that path is short enough, else under the system temp folder: vLLM binds zmq IPC
+    sockets there and unix socket paths must stay under 107 bytes. Each call makes a folder of its own, so two
+    servers in one run dir never share sockets; :func:`start_vllm` hands it to the server's
+    :class:`~opal.embedded.ManagedProcess`, whose ``stop`` removes it."""
+    import tempfile
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parent = run_dir if len(str(run_dir)) <= 36 else None  # mkdtemp adds "/vllm-tmp-" and 8 characters
+    return Path(tempfile.mkdtemp(prefix="vllm-tmp-" if parent else "opal-vllm-", dir=parent))
+
+
+def vllm_env(settings: VllmSettings, run_dir: Path, model_dir: Path | None = None, tmp: Path | None = None) -> dict[str, str]:
+    """The server's environment; pure (creates nothing). ``tmp`` is its temp folder (see :func:`scratch_dir`;
+    callers that only want the flags' environment may leave it out). With ``model_dir``, compiled kernels go to
+    the model's :func:`compile_cache`; without it they stay under ``run_dir``."""
+    tmp = tmp or run_dir / "vllm-tmp"
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -219,7 +229,8 @@ def start_vllm(
     waits for the port. With ``attached`` (the default) they all die with the calling
     process even when it is SIGKILLed (see :mod:`opal.embedded`). If start-up fails or
     is interrupted the server is stopped (grace ``stop_grace_s``) before the error
-    propagates. Not idempotent: each call starts a new server.
+    propagates. Not idempotent: each call starts a new server. The server's temp folder (:func:`scratch_dir`) is
+    removed by ``stop()``; one left by a SIGKILLed caller holds only sockets and a link (a few KB).
     """
     model_dir = model_dir.resolve()
     if not (model_dir / "config.json").exists():
@@ -227,9 +238,15 @@ def start_vllm(
     port = port or free_port()
     py = model_python(python or settings.python)
     argv = [str(py), "-m", "vllm.entrypoints.openai.api_server", *vllm_argv(settings, model_dir, port)]
-    env = vllm_env(settings, run_dir, model_dir)
+    scratch = scratch_dir(run_dir)
+    env = vllm_env(settings, run_dir, model_dir, tmp=scratch)
     link_inductor_temp(env)
-    proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached, port=port).start()
+    proc = ManagedProcess(f"vllm-{port}", argv, run_dir / f"vllm-{port}.log", env=env, attached=attached, port=port, scratch=scratch)
+    try:
+        proc.start()
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:

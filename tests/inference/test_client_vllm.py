@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,10 +109,12 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _start_serve(tiny_model: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """`opal serve` on a free port as a subprocess; (process, base URL) once it printed its endpoint."""
+def _start_serve(tiny_model: Path, tmp_path: Path, temp: Path) -> tuple[subprocess.Popen[str], str]:
+    """`opal serve` on a free port as a subprocess; (process, base URL) once it printed its endpoint. ``temp`` is
+    its TMPDIR: a SIGKILLed serve cannot remove vLLM's temp folder (made there, as the run dir is long)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
     env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
+    env["TMPDIR"] = str(temp)
     env["OPAL_REAPER_LOG"] = str(tmp_path / "reaper.log")
     serve = subprocess.Popen(
         [opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
@@ -134,9 +138,11 @@ def test_sigkilled_serve_under_load_takes_every_vllm_process_and_the_port_with_i
     environment) must all be gone within seconds, and the port free."""
     from opal.embedded import _listening
 
-    serve, url = _start_serve(tiny_model, tmp_path)
+    temp = Path(tempfile.mkdtemp(prefix="opal-t"))
+    serve, url = _start_serve(tiny_model, tmp_path, temp)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     try:
+        assert [p.name[:10] for p in temp.iterdir()] == ["opal-vllm-"], "vLLM's temp folder is not where it should be"
         tree = descendants(serve.pid)
         names = {p: process_name(p) for p in tree}
         assert {"VLLM::EngineCor", "VLLM::Worker", "opal-reaper"} <= set(names.values()), names
@@ -181,11 +187,14 @@ def test_sigkilled_serve_under_load_takes_every_vllm_process_and_the_port_with_i
         if serve.poll() is None:
             serve.kill()
             serve.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
     env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
+    temp = Path(tempfile.mkdtemp(prefix="opal-t"))
+    env["TMPDIR"] = str(temp)  # vLLM's temp folder is made here (the run dir is long)
     serve = subprocess.Popen(
         [opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
     )
@@ -230,3 +239,6 @@ def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_
     while time.monotonic() < deadline and any(_group_members(p) for p in vllm_pids):
         time.sleep(0.2)
     assert not any(_group_members(p) for p in vllm_pids), "vLLM processes outlived opal serve"
+    left = list(temp.iterdir())
+    shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"a stopped server left its temp folder behind: {left}"

@@ -154,6 +154,19 @@ def test_stop_escalates_to_sigkill_within_the_grace_period(tmp_path: Path) -> No
     mp.stop()  # idempotent
 
 
+def test_stop_removes_the_process_scratch_folder_once_it_is_gone(tmp_path: Path) -> None:
+    """A server's own temp folder (vLLM's TMPDIR) is removed by stop, also through a detached record."""
+    for detached in (False, True):
+        scratch = tmp_path / f"scratch-{detached}"
+        mp = ManagedProcess("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "s.log", scratch=scratch).start()
+        (scratch / "sock").write_text("x")  # made by start, written while it runs
+        handle = ManagedProcess.from_record(json.loads(json.dumps(mp.record()))) if detached else mp
+        assert handle.scratch == scratch
+        handle.stop(timeout_s=2)
+        assert not scratch.exists() and not alive(mp.pid or -1)
+        mp.stop()
+
+
 def test_an_interrupted_stop_still_sigkills(tmp_path: Path) -> None:
     """A second Ctrl-C / SIGTERM unwinding through stop() must not skip the escalation."""
     mp, helper, port = stubborn_service(tmp_path)

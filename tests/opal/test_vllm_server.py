@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
-from opal.vllm_server import link_inductor_temp, served_name, vllm_argv, vllm_env
+from opal.vllm_server import link_inductor_temp, scratch_dir, served_name, vllm_argv, vllm_env
 from schemas.settings import VllmSettings
 
 
@@ -23,10 +24,10 @@ def test_cpu_flags(tmp_path: Path) -> None:
     assert json.loads(_flag(argv, "--limit-mm-per-prompt")) == {"image": 1, "video": 0}
     env = vllm_env(VllmSettings(cpu_kv_cache_gib=2), tmp_path)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["HF_HUB_OFFLINE"] == "1"
-    assert len(env["TMPDIR"]) <= 48  # short enough for vLLM's IPC socket paths, whatever the run dir
+    assert not (tmp_path / "vllm-tmp").exists()  # rendering the environment creates nothing
     # compiled kernels: one folder per served model, the same whatever the run dir (a restart loads them)
     s = VllmSettings(compile_cache_dir=tmp_path / "cc")
-    first, again = vllm_env(s, tmp_path / "run-1", tmp_path), vllm_env(s, tmp_path / "run-2", tmp_path)
+    first, again = (vllm_env(s, tmp_path / r, tmp_path, tmp=scratch_dir(tmp_path / r)) for r in ("run-1", "run-2"))
     assert first["TORCHINDUCTOR_CACHE_DIR"] == again["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cc" / "opal@v9" / "inductor")
     assert first["VLLM_CACHE_ROOT"] == str(tmp_path / "cc" / "opal@v9" / "vllm") and "TRITON_CACHE_DIR" in first
     # inductor's precompiled headers go to <TMPDIR>/torchinductor_<user> whatever its cache dir says: linked to the cache
@@ -36,8 +37,23 @@ def test_cpu_flags(tmp_path: Path) -> None:
             assert link is not None and link.is_symlink() and link.resolve() == Path(first["TORCHINDUCTOR_CACHE_DIR"]).resolve()
         assert [p.name for p in Path(first["TMPDIR"]).iterdir()] == [link.name]  # no staged link left behind
     finally:
-        for e in (env, first, again):  # long run dirs get a temp folder under /tmp: leave none behind
+        for e in (first, again):  # long run dirs get a temp folder under /tmp: leave none behind
             shutil.rmtree(e["TMPDIR"], ignore_errors=True)
+
+
+def test_each_server_gets_a_short_temp_folder_of_its_own(tmp_path: Path) -> None:
+    made: list[Path] = []
+    short = Path(tempfile.mkdtemp(prefix="r"))
+    try:
+        for run_dir in (short, tmp_path / ("long-" * 20)):
+            made += [scratch_dir(run_dir), scratch_dir(run_dir)]
+            assert made[-1] != made[-2] and made[-1].is_dir() and not any(made[-1].iterdir())
+            assert len(str(made[-1] / "0123456789abcdef0123456789abcdef0123")) < 107  # vLLM's IPC socket names
+        assert made[0].parent == short and made[2].parent != tmp_path / ("long-" * 20)
+    finally:
+        for m in made:
+            shutil.rmtree(m, ignore_errors=True)
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_gpu_flags(tmp_path: Path) -> None:
