@@ -17,6 +17,18 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # pip warns once per package about index folders this machine's pip config names but lacks; hide only that line.
 QUIET_PIP   := 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 
+# The model environment takes ~3 GB and pip unpacks torch beside it; the tests and the demo write ~1 GB more
+# (.opal/, the system temp folder). Checked before the first install, so a full disk is named, not met mid-pip.
+NEED_GB     ?= 8
+define check_disk
+	@for d in . "$${TMPDIR:-/tmp}"; do \
+	  free=$$(df -Pk "$$d" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt $(NEED_GB) ]; then \
+	    echo "error: $$(cd "$$d" && pwd) has $$free GB free; installing OPAL's $(1) needs about $(NEED_GB) GB (NEED_GB=... to override)" >&2; exit 1; \
+	  fi; \
+	done
+endef
+
 STREAM_STAMP := $(STREAM)/.opal-installed
 MODEL_STAMP  := $(MODEL)/.opal-installed-$(MODEL_EXTRA)
 # promtool, docker-compose and kubectl (kustomize) for the offline checks of deploy/ (tests/project/test_deploy.py)
@@ -63,6 +75,7 @@ $(STREAM_STAMP): pyproject.toml
 
 $(MODEL_STAMP): pyproject.toml
 	@echo "== installing the model environment into $(MODEL) (first run only, a few minutes)"
+	$(call check_disk,model environment)
 	test -x $(MODEL)/bin/python || $(PYTHON) -m venv $(MODEL)
 	$(if $(TORCH_SPEC),$(MODEL)/bin/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP))
 	DS_BUILD_OPS=0 $(MODEL)/bin/pip install -q -e ".[$(MODEL_EXTRA),dev]" $(QUIET_PIP)

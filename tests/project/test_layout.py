@@ -107,3 +107,19 @@ def test_the_cli_loads_in_both_environments() -> None:
                 names = [node.module]
             bad = [n for n in names if n.split(".")[0] not in allowed]
             assert not bad, f"{f.relative_to(REPO)} imports {bad} at module level: import it inside the command"
+
+
+def test_a_full_disk_is_named_before_the_model_install_begins(tmp_path: Path) -> None:
+    """CI once failed mid-pip with 'No space left on device'; the install now checks first and says so."""
+    import subprocess
+
+    venv = tmp_path / "venv"
+    out = subprocess.run(
+        ["make", "-s", f"{venv}/.opal-installed-model-cpu", f"MODEL={venv}", "NEED_GB=1000000"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0 and "GB free; installing OPAL's model environment needs about 1000000 GB" in out.stderr
+    assert not venv.exists()  # refused before anything was made
