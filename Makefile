@@ -18,13 +18,15 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 QUIET_PIP   := 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 
 # The model environment takes ~3 GB and pip unpacks torch beside it; the tests and the demo write ~1 GB more
-# (.opal/, the system temp folder). Checked before the first install, so a full disk is named, not met mid-pip.
+# (.opal/, the system temp folder). Checked before a first install (not an update of an existing environment),
+# on the folder that will hold it and on the temp folder, so a full disk is named, not met mid-pip.
 NEED_GB     ?= 8
 define check_disk
-	@for d in . "$${TMPDIR:-/tmp}"; do \
+	@test -x $(1)/bin/python || for d in $(1) "$${TMPDIR:-/tmp}"; do \
+	  while [ ! -d "$$d" ]; do d=$$(dirname "$$d"); done; \
 	  free=$$(df -Pk "$$d" | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	  if [ "$$free" -lt $(NEED_GB) ]; then \
-	    echo "error: $$(cd "$$d" && pwd) has $$free GB free; installing OPAL's $(1) needs about $(NEED_GB) GB (NEED_GB=... to override)" >&2; exit 1; \
+	  if [ -z "$$free" ] || [ "$$free" -lt $(NEED_GB) ]; then \
+	    echo "error: $$(cd "$$d" && pwd) has $${free:-an unknown number of} GB free; installing OPAL's $(2) needs about $(NEED_GB) GB (NEED_GB=... to override)" >&2; exit 1; \
 	  fi; \
 	done
 endef
@@ -75,7 +77,7 @@ $(STREAM_STAMP): pyproject.toml
 
 $(MODEL_STAMP): pyproject.toml
 	@echo "== installing the model environment into $(MODEL) (first run only, a few minutes)"
-	$(call check_disk,model environment)
+	$(call check_disk,$(MODEL),model environment)
 	test -x $(MODEL)/bin/python || $(PYTHON) -m venv $(MODEL)
 	$(if $(TORCH_SPEC),$(MODEL)/bin/pip install -q "$(TORCH_SPEC)" $(QUIET_PIP))
 	DS_BUILD_OPS=0 $(MODEL)/bin/pip install -q -e ".[$(MODEL_EXTRA),dev]" $(QUIET_PIP)

@@ -31,6 +31,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ from inference.prompt import serving_messages  # noqa: E402
 from opal.cpu_affinity import colocate_engine_core  # noqa: E402
 from opal.plots import histogram_png  # noqa: E402
 from opal.samples import load_samples  # noqa: E402
-from opal.vllm_server import start_vllm, vllm_env  # noqa: E402
+from opal.vllm_server import scratch_dir, start_vllm, vllm_env  # noqa: E402
 from schemas.category import default_categories  # noqa: E402
 from schemas.settings import VllmSettings  # noqa: E402
 
@@ -61,7 +62,9 @@ class OfflinePath:
     """vLLM's offline ``LLM`` in this process, with the server's engine settings."""
 
     def __init__(self, model_dir: Path, jobs: list[tuple[bytes, str]], settings: VllmSettings, max_tokens: int, logprobs: bool) -> None:
-        os.environ.update(vllm_env(settings, REPO / ".opal" / "run" / "bench"))  # same KV-cache size and offline env as the server
+        run_dir = REPO / ".opal" / "run" / "bench"
+        self.scratch = scratch_dir(run_dir)  # its IPC sockets: a short folder of its own, removed by close()
+        os.environ.update(vllm_env(settings, run_dir, tmp=self.scratch))  # same KV-cache size and offline env as the server
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
@@ -99,6 +102,7 @@ class OfflinePath:
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()  # do not leave engine processes behind
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 async def client_round(c: ListingClient, jobs: list[tuple[bytes, str]], lat: list[float]) -> tuple[float, int]:

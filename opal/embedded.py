@@ -128,7 +128,7 @@ def _scan() -> dict[int, _Proc]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """``pid`` exists and is not a zombie."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
@@ -181,7 +181,7 @@ def _pid_runs(pid: int, exe: str, tag: str | None = None) -> bool:
     Compares ``/proc/<pid>/exe`` rather than the command line, which servers such as
     valkey rewrite.
     """
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         running = os.path.realpath(f"/proc/{pid}/exe")
@@ -383,8 +383,8 @@ class ManagedProcess:
     def start(self) -> ManagedProcess:
         """Start the command; returns at once (readiness is the caller's check)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        if self.scratch is not None:  # a restart after stop removed it
-            self.scratch.mkdir(parents=True, exist_ok=True)
+        if self.scratch is not None:  # normally made by the caller (mkdtemp); kept across a restart
+            self.scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tag = f"{self.name}.{uuid.uuid4().hex[:12]}"
         env = {**os.environ, **self.env, SERVICE_TAG_ENV: self.tag}
         env.pop(OWNER_ENV, None)
@@ -502,7 +502,7 @@ class ManagedProcess:
         """Wait until ``known`` (rescanned every 0.5 s) is empty or ``deadline``; returns the survivors."""
         next_scan = time.monotonic() + 0.5
         while True:
-            known = {p for p in known if _alive(p)}  # a zombie leader does not count
+            known = {p for p in known if pid_alive(p)}  # a zombie leader does not count
             if time.monotonic() >= next_scan:
                 known |= self.members()
                 next_scan = time.monotonic() + 0.5
@@ -797,10 +797,11 @@ def _restart_locked(run_dir: Path, state: dict[str, Any], name: str, timeout_s: 
     """Stop the recorded ``name`` (if it runs), start the same command, record the new pid; lock held."""
     i = _record_index(state, name)
     old = ManagedProcess.from_record(state["processes"][i])
+    scratch, old.scratch = old.scratch, None  # the restarted process keeps its temp folder (and what is linked there)
     old.stop()
     if old.port is not None and _listening(old.port):
         raise ServiceStartError(f"{name}: port {old.port} is held by another process; cannot restart on the same address")
-    new = ManagedProcess(old.name, old.argv, old.log_path, env=old.env, attached=False, port=old.port, scratch=old.scratch)
+    new = ManagedProcess(old.name, old.argv, old.log_path, env=old.env, attached=False, port=old.port, scratch=scratch)
     new.start()
     rec = new.record() | {"restarts": int(state["processes"][i].get("restarts", 0)) + 1}
     state["processes"][i] = rec
@@ -918,6 +919,8 @@ def _stop_locked(run_dir: Path, state: dict[str, Any], timeout_s: float = 10.0) 
         if mp.members():
             mp.stop(timeout_s)
             stopped.append(p["name"])
+        elif mp.scratch is not None:  # died on its own: stop only removes its temp folder
+            mp.stop(timeout_s)
     (run_dir.resolve() / STATE_FILE).unlink(missing_ok=True)
     return stopped
 

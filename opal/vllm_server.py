@@ -11,6 +11,7 @@ every response names the exact model version that wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -23,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from opal.cpu_affinity import colocate_engine_core
-from opal.embedded import ManagedProcess, ServiceStartError, free_port
+from opal.embedded import ManagedProcess, ServiceStartError, free_port, pid_alive
 from schemas.settings import VllmSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def link_inductor_temp(env: dict[str, str]) -> Path | None:
 
     TorchInductor keeps its precompiled C++ headers (~150 MB, most of a CPU compile: the first request with logprobs
     took 11.6 s without them, 1.4 s with them) under that temp folder whatever ``TORCHINDUCTOR_CACHE_DIR`` says, and
-    OPAL gives every run dir a temp folder of its own. Idempotent; a real folder already there is left as it is."""
+    OPAL gives every server a temp folder of its own (:func:`scratch_dir`). Idempotent; a real folder already there is left as it is."""
     cache, tmp = env.get("TORCHINDUCTOR_CACHE_DIR"), env.get("TMPDIR")
     if not cache or not tmp:
         return None
@@ -116,18 +117,44 @@ def link_inductor_temp(env: dict[str, str]) -> Path | None:
         return None
 
 
-def scratch_dir(run_dir: Path) -> Path:
+SCRATCH_PARENT_MAX = 48  # parent + "/opal-vllm-XXXXXXXX/" + a 36-character socket name stays under 107 bytes
+OWNER_FILE = ".opal-owner"  # in a scratch folder: the pid of the server using it
+OWNERLESS_MAX_AGE_S = 3600.0  # a scratch folder with no owner file this old was left by a caller that died starting
+
+
+def scratch_dir(run_dir: Path, temp_root: Path | None = None) -> Path:
     """A new, empty temp folder for one server (its ``TMPDIR``: vLLM's IPC sockets, inductor's header link).
 
-    Under ``run_dir`` when that path is short enough, else under the system temp folder: vLLM binds zmq IPC
-    sockets there and unix socket paths must stay under 107 bytes. Each call makes a folder of its own, so two
-    servers in one run dir never share sockets; :func:`start_vllm` hands it to the server's
-    :class:`~opal.embedded.ManagedProcess`, whose ``stop`` removes it."""
+    Under ``run_dir`` when that path is short enough, else under ``temp_root`` (the system temp folder; ``/tmp``
+    when that too is long): vLLM binds zmq IPC sockets there, and unix socket paths must stay under 107 bytes.
+    Each call makes a folder of its own (mode 0700), so two servers in one run dir never share sockets;
+    :func:`start_vllm` hands it to the server's :class:`~opal.embedded.ManagedProcess`, whose ``stop`` removes
+    it. Folders beside it whose server is gone without a stop (SIGKILLed callers) are removed here."""
     import tempfile
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    parent = run_dir if len(str(run_dir)) <= 36 else None  # mkdtemp adds "/vllm-tmp-" and 8 characters
-    return Path(tempfile.mkdtemp(prefix="vllm-tmp-" if parent else "opal-vllm-", dir=parent))
+    candidates = [(run_dir.resolve(), "vllm-tmp-"), (Path(temp_root or tempfile.gettempdir()).resolve(), "opal-vllm-")]
+    parent, prefix = next(((d, p) for d, p in candidates if len(str(d)) <= SCRATCH_PARENT_MAX), (Path("/tmp"), "opal-vllm-"))
+    _sweep_orphans(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def _sweep_orphans(parent: Path, prefix: str) -> None:
+    """Remove ``prefix*`` scratch folders in ``parent`` whose recorded server pid no longer runs. Best effort; a
+    folder without an owner file is a server still starting (the file is written right after its process starts)
+    unless it is older than :data:`OWNERLESS_MAX_AGE_S` (its caller died in between)."""
+    for d in parent.glob(f"{prefix}*"):
+        try:
+            pid = int((d / OWNER_FILE).read_text())
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - d.stat().st_mtime > OWNERLESS_MAX_AGE_S:
+                    shutil.rmtree(d, ignore_errors=True)
+            continue
+        except (OSError, ValueError):  # not one of ours, or unreadable
+            continue
+        if not pid_alive(pid):  # gone, or a zombie nobody reaped yet (its parent was SIGKILLed)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def vllm_env(settings: VllmSettings, run_dir: Path, model_dir: Path | None = None, tmp: Path | None = None) -> dict[str, str]:
@@ -230,7 +257,7 @@ def start_vllm(
     process even when it is SIGKILLed (see :mod:`opal.embedded`). If start-up fails or
     is interrupted the server is stopped (grace ``stop_grace_s``) before the error
     propagates. Not idempotent: each call starts a new server. The server's temp folder (:func:`scratch_dir`) is
-    removed by ``stop()``; one left by a SIGKILLed caller holds only sockets and a link (a few KB).
+    removed by ``stop()``; one left by a SIGKILLed caller is removed by the next start that uses the same parent.
     """
     model_dir = model_dir.resolve()
     if not (model_dir / "config.json").exists():
@@ -247,6 +274,7 @@ def start_vllm(
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    (scratch / OWNER_FILE).write_text(str(proc.pid))  # lets a later start sweep it if this caller is SIGKILLed
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:

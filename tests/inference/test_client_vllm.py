@@ -25,6 +25,7 @@ from inference.images import ImageRejectedError
 from opal.cpu_affinity import descendants, process_name
 from opal.embedded import ManagedProcess, _group_members
 from opal.samples import load_samples
+from opal.vllm_server import scratch_dir
 from schemas.category import default_categories
 from schemas.errors import OpalError
 from tests.support import REPO, alive, children, opal_bin, served_prompt_ids, trl_prompt_ids
@@ -183,6 +184,10 @@ def test_sigkilled_serve_under_load_takes_every_vllm_process_and_the_port_with_i
         left = {p: process_name(p) for p in tree if alive(p)}
         assert not left, f"processes outlived a SIGKILLed `opal serve`: {left}; reaper log:\n{log_text}"
         assert not _listening(port), "the port is still held"
+        # its temp folder could not be removed by a stop; the next server's start sweeps it
+        (orphan,) = temp.iterdir()
+        fresh = scratch_dir(tmp_path / ("long-" * 20), temp_root=temp)
+        assert not orphan.exists() and fresh.parent == temp
     finally:
         if serve.poll() is None:
             serve.kill()
