@@ -74,14 +74,18 @@ def test_gpu_flags(tmp_path: Path) -> None:
     assert _flag(argv, "--served-model-name") == tmp_path.name
 
 
-def test_a_start_sweeps_the_temp_folders_of_servers_gone_without_a_stop(tmp_path: Path) -> None:
+def test_a_start_sweeps_the_temp_folders_of_servers_gone_without_a_stop() -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()
-    run_dir = tmp_path / "r"
-    orphan, live, starting, stale = (scratch_dir(run_dir) for _ in range(4))
-    (orphan / OWNER_FILE).write_text(str(dead.pid))  # its server was SIGKILLed with its caller
-    (live / OWNER_FILE).write_text(str(os.getpid()))
-    (orphan / "sock").write_text("")
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))  # its caller died before writing the owner file
-    fresh = scratch_dir(run_dir)
-    assert not orphan.exists() and not stale.exists() and live.exists() and starting.exists() and fresh.exists()
+    run_dir = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: the folders are made inside it
+    try:
+        orphan, live, starting, stale = (scratch_dir(run_dir) for _ in range(4))
+        assert orphan.parent == run_dir
+        (orphan / OWNER_FILE).write_text(str(dead.pid))  # its server was SIGKILLed with its caller
+        (live / OWNER_FILE).write_text(str(os.getpid()))
+        (orphan / "sock").write_text("")
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))  # its caller died before writing the owner file
+        fresh = scratch_dir(run_dir)
+        assert not orphan.exists() and not stale.exists() and live.exists() and starting.exists() and fresh.exists()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
