@@ -46,7 +46,7 @@ from inference.prompt import serving_messages  # noqa: E402
 from opal.cpu_affinity import colocate_engine_core  # noqa: E402
 from opal.plots import histogram_png  # noqa: E402
 from opal.samples import load_samples  # noqa: E402
-from opal.vllm_server import scratch_dir, start_vllm, vllm_env  # noqa: E402
+from opal.vllm_server import OWNER_FILE, scratch_dir, start_vllm, vllm_env  # noqa: E402
 from schemas.category import default_categories  # noqa: E402
 from schemas.settings import VllmSettings  # noqa: E402
 
@@ -64,6 +64,7 @@ class OfflinePath:
     def __init__(self, model_dir: Path, jobs: list[tuple[bytes, str]], settings: VllmSettings, max_tokens: int, logprobs: bool) -> None:
         run_dir = REPO / ".opal" / "run" / "bench"
         self.scratch = scratch_dir(run_dir)  # its IPC sockets: a short folder of its own, removed by close()
+        (self.scratch / OWNER_FILE).write_text(str(os.getpid()))  # in use while this process runs
         os.environ.update(vllm_env(settings, run_dir, tmp=self.scratch))  # same KV-cache size and offline env as the server
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
