@@ -196,24 +196,9 @@ def test_sigkilled_serve_under_load_takes_every_vllm_process_and_the_port_with_i
 
 
 def test_server_killed_mid_run_gives_typed_retried_errors(tiny_model: Path, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")}
-    env["OPAL_EMBEDDED_RUN_DIR"] = str(tmp_path)
     temp = Path(tempfile.mkdtemp(prefix="opal-t"))
-    env["TMPDIR"] = str(temp)  # vLLM's temp folder is made here (the run dir is long)
-    serve = subprocess.Popen(
-        [opal_bin(), "serve", "--model", str(tiny_model), "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env
-    )
+    serve, url = _start_serve(tiny_model, tmp_path, temp)
     try:
-        assert serve.stdout is not None
-        url = ""
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not url:
-            line = serve.stdout.readline()
-            if line.startswith("export OPAL_VLLM_ENDPOINTS="):
-                url = json.loads(line.split("=", 1)[1].strip().strip("'"))[0]
-            elif not line and serve.poll() is not None:
-                break
-        assert url, "opal serve did not come up"
         vllm_pids = [p for p in children(serve.pid) if "vllm" in _cmdline(p)]  # not opal serve's reaper
         assert vllm_pids
         img = load_samples()[0].image.read_bytes()
