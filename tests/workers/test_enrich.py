@@ -20,6 +20,7 @@ from tests.support import worker_events as _events
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.enrich import EnrichWorker, run_worker
+from workers.enrich.lanes import LaneConsumers
 from workers.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.vllm
@@ -52,7 +53,7 @@ def test_n_in_n_out_then_cache_skips_the_model(wsettings: OpalSettings, images: 
         assert ev.category == by_id[ev.listing_id].category
     assert m.value("opal_enrich_aspect_events_total") == 12
     assert m.value("opal_enrich_model_requests_total") == 12
-    assert w.client.stats.requests >= 12
+    assert w.clients.model.stats.requests >= 12
 
     # a cached entry keeps the schema check its output got: one entry rewritten as if it had been invalid
     from workers.result_cache import CachedListing, ResultCache
@@ -191,19 +192,19 @@ def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, imag
     # The worker's own record of what it did, in order: each record taken (with whether the realtime lane had joined
     # its group by then) and each record finished (output acknowledged).
     trace: list[tuple[str, Lane, bool]] = []
-    start, finish = EnrichWorker._start, EnrichWorker._finish
+    hold, release = LaneConsumers.hold, LaneConsumers.release
 
-    def traced_start(self: EnrichWorker, msg: Any) -> Any:
-        job = start(self, msg)
-        trace.append(("start", self.lanes[msg.topic()], Lane.REALTIME in self._joined))
-        return job
+    def traced_hold(self: LaneConsumers, msg: Any, lane: Lane, now: float) -> Any:
+        record = hold(self, msg, lane, now)
+        trace.append(("start", lane, Lane.REALTIME in self.joined))
+        return record
 
-    def traced_finish(self: EnrichWorker, job: Any) -> None:
-        finish(self, job)
-        trace.append(("finish", job.lane, True))
+    def traced_release(self: LaneConsumers, record: Any) -> None:
+        release(self, record)
+        trace.append(("finish", record.lane, True))
 
-    monkeypatch.setattr(EnrichWorker, "_start", traced_start)
-    monkeypatch.setattr(EnrichWorker, "_finish", traced_finish)
+    monkeypatch.setattr(LaneConsumers, "hold", traced_hold)
+    monkeypatch.setattr(LaneConsumers, "release", traced_release)
     _run(s)
     order = [ev.listing_id for _, ev in _read(s, s.topics.aspects, EventCodec(AspectEvent), 48)]  # one partition: produce order
     assert len(order) == 48

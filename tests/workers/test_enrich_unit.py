@@ -1,4 +1,4 @@
-"""Pieces of the enrichment worker's per-record pipeline, with fakes for its clients (pure logic)."""
+"""The enrich pipeline with fakes for its clients (pure logic): the worker's own stages, policy and outputs."""
 
 from __future__ import annotations
 
@@ -6,106 +6,144 @@ import asyncio
 import hashlib
 from typing import Any
 
-import pytest
-
+from inference.client import InferenceResult, InferenceUnavailableError
 from inference.images import ImageRejectedError, PreparedImage, inspect_image, prepare_image
+from inference.output import Listing
 from schemas.category import default_categories
-from schemas.events import ImageRef, Lane, ListingImageEvent
+from schemas.events import AspectEvent, DeadLetter, ImageRef, Lane, ListingImageEvent, ModelInfo, SchemaCheck
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 from tests.support import REPO
-from workers.enrich import EnrichWorker, _Job
+from workers.enrich import EnrichClients, EnrichWorker
+from workers.enrich.pipeline import Pipeline
+from workers.enrich.record import Record
 from workers.image_loader import FetchedImage
 from workers.result_cache import CachedListing, images_digest
 
 PHOTO = (REPO / "data" / "sample" / "images" / "00020b5a.jpg").read_bytes()
+CODEC: EventCodec[ListingImageEvent] = EventCodec(ListingImageEvent)
+ASPECTS: EventCodec[AspectEvent] = EventCodec(AspectEvent)
+DEAD: EventCodec[DeadLetter] = EventCodec(DeadLetter)
+TOPIC = OpalSettings().topics.images_realtime
 
 
-class CountingLoader:
-    """The real loader's fetch/prepare split over one photo, counting calls."""
+class Loader:
+    """The real loader's fetch/prepare split, counting calls: file:// images are read in place (each photo its own
+    bytes: the photo with its URI appended after the JPEG end), https:// ones are fetched; ``bad.jpg`` is refused."""
 
     def __init__(self, photo: bytes = PHOTO) -> None:
         self.photo = photo
+        self.reads = 0
         self.fetches = 0
         self.decodes = 0
 
+    def _bytes(self, uri: str) -> FetchedImage:
+        if uri.endswith("bad.jpg"):
+            raise ImageRejectedError("corrupt JPEG image: bad")
+        data = self.photo if "same" in uri else self.photo + uri.replace("https://cdn.example.com/", "file:///img/").encode()
+        return FetchedImage(data, inspect_image(data))
+
+    def fetch_local(self, uri: str) -> FetchedImage | None:
+        if uri.startswith("https://"):
+            return None
+        self.reads += 1
+        return self._bytes(uri)
+
     async def fetch(self, uri: str) -> FetchedImage:
         self.fetches += 1
-        return FetchedImage(self.photo, inspect_image(self.photo))
+        return self._bytes(uri)
 
     def prepare(self, fetched: FetchedImage) -> PreparedImage:
         self.decodes += 1
         return prepare_image(fetched.data, header=fetched.header)
 
 
-class HitCache:
+class Cache:
+    """MGET-like: a hit for the digests given; counts round trips and puts."""
+
+    def __init__(self, *hits: bytes) -> None:
+        self.hits = {images_digest([hashlib.sha256(h).hexdigest()]) for h in hits}
+        self.mgets: list[int] = []
+        self.puts = 0
+        self.on_error: Any = None
+
+    async def get_many(self, keys: list[tuple[str, str, str]]) -> list[CachedListing | None]:
+        self.mgets.append(len(keys))
+        listing = CachedListing("A red shoe", [("Color", "Red", 0.9)], model_name="opal-tiny", model_version="v1")
+        return [listing if k[2] in self.hits else None for k in keys]
+
+    async def put(self, *_args: Any) -> None:
+        self.puts += 1
+
+
+class Model:
+    """Fails ``failures`` times with an outage-kind error, then answers; counts requests."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.requests = 0
+
+    async def generate(self, images: list[PreparedImage], schema: Any) -> InferenceResult:
+        self.requests += 1
+        if self.requests <= self.failures:
+            raise InferenceUnavailableError("endpoint answered 503")
+        return InferenceResult(
+            listing=Listing("A blue shoe", {"Color": "Blue"}),
+            check=SchemaCheck(valid=True),
+            aspect_confidence={"Color": 0.8},
+            title_confidence=None,
+            model=ModelInfo(name="opal-tiny", version="v1"),
+            raw="",
+            endpoint="http://127.0.0.1:1",
+            attempts=1,
+            queued_ms=1.0,
+            inference_ms=2.0,
+        )
+
+
+class Producer:
+    """Records what is produced; ``poll`` acknowledges it all (calls the delivery callbacks, as librdkafka does)."""
+
     def __init__(self) -> None:
-        self.keys: list[tuple[str, str, str]] = []
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+        self._callbacks: list[Any] = []
 
-    async def get(self, version: str, schema_key: str, digest: str) -> CachedListing:
-        self.keys.append((version, schema_key, digest))
-        return CachedListing("A red shoe", [("Color", "Red", 0.9)], model_name="opal-tiny", model_version="v1")
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, on_delivery: Any = None) -> None:
+        self.sent.append((topic, key, value))
+        self._callbacks.append(on_delivery)
 
+    def poll(self, timeout: float = 0) -> int:
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(None, None)
+        return len(callbacks)
 
-def _worker(loader: CountingLoader, cache: object = None) -> EnrichWorker:
-    codec: EventCodec[Any] = EventCodec(ListingImageEvent)
-    return EnrichWorker(OpalSettings(), {}, None, None, loader, cache, default_categories(), codec, codec, codec)  # type: ignore[arg-type]
+    def __len__(self) -> int:
+        return len(self._callbacks)
 
+    def aspects(self) -> list[AspectEvent]:
+        return [ASPECTS.decode(v) for t, _, v in self.sent if t == OpalSettings().topics.aspects]
 
-EVENT = ListingImageEvent(listing_id="l1", category="shoes", images=[ImageRef(uri="file:///x.jpg")])
-
-
-def test_a_record_fetches_and_decodes_its_images_once_however_often_it_is_retried() -> None:
-    loader = CountingLoader()
-    w = _worker(loader)
-    job = _Job(msg=None, lane=Lane.REALTIME, consumed_at=0.0)  # type: ignore[arg-type]
-
-    async def twice() -> tuple[list[PreparedImage], list[PreparedImage]]:
-        await w._fetch_images(EVENT, job)
-        await w._fetch_images(EVENT, job)
-        return await w._prepared(job), await w._prepared(job)
-
-    first, again = asyncio.run(twice())
-    assert loader.fetches == 1 and loader.decodes == 1 and first is again
-    assert first[0].data == PHOTO and first[0].source_sha256 == hashlib.sha256(PHOTO).hexdigest()
+    def dead_letters(self) -> list[DeadLetter]:
+        return [DEAD.decode(v) for t, _, v in self.sent if t == OpalSettings().topics.dead_letters]
 
 
-def test_a_cache_hit_decodes_no_pixels() -> None:
-    """Header checks and the hash of the raw bytes find the result; the full decode is only for a model request."""
-    loader, cache = CountingLoader(), HitCache()
-    w = _worker(loader, cache)
-    job = _Job(msg=None, lane=Lane.REALTIME, consumed_at=0.0)  # type: ignore[arg-type]
-    out = asyncio.run(w._enrich(EVENT, job))
-    assert out.cache_hit and out.title == "A red shoe" and loader.fetches == 1 and loader.decodes == 0
-    assert cache.keys[0][2] == images_digest([hashlib.sha256(PHOTO).hexdigest()])
+class Consumer:
+    def __init__(self) -> None:
+        self.stored: list[tuple[str, int, int]] = []
+
+    def store_offsets(self, offsets: list[Any]) -> None:
+        self.stored += [(tp.topic, tp.partition, tp.offset) for tp in offsets]
 
 
-def test_a_truncated_photo_passes_the_header_checks_but_never_reaches_the_model() -> None:
-    """The bytes a cache miss would send are decoded first: a body cut short is refused there."""
-    cut = PHOTO[: len(PHOTO) // 2]
-    header = inspect_image(cut)  # the header alone looks fine
-    whole = prepare_image(PHOTO)
-    assert (header.width, header.height) == (whole.width, whole.height)
-    loader = CountingLoader(cut)
-    w = _worker(loader)
-    job = _Job(msg=None, lane=Lane.REALTIME, consumed_at=0.0)  # type: ignore[arg-type]
-
-    async def miss() -> None:
-        await w._fetch_images(EVENT, job)
-        await w._prepared(job)
-
-    with pytest.raises(ImageRejectedError, match="corrupt JPEG"):
-        asyncio.run(miss())
-
-
-class FakeMessage:
+class Message:
     """The parts of a confluent-kafka Message the worker reads."""
 
     def __init__(self, offset: int, value: bytes) -> None:
         self._offset, self._value = offset, value
 
     def topic(self) -> str:
-        return "opal.listing-images.realtime"
+        return TOPIC
 
     def partition(self) -> int:
         return 0
@@ -126,132 +164,150 @@ class FakeMessage:
         return None
 
 
-class BatchLoader(CountingLoader):
-    """Local reads for file:// URIs (the batch pass's fetch_local), None for https://; ``bad.jpg`` is refused."""
+class Harness:
+    """An EnrichWorker on fakes, its pipeline built as ``run`` builds it."""
 
-    def fetch_local(self, uri: str) -> FetchedImage | None:
-        if uri.startswith("https://"):
-            return None  # the network: fetch()
-        self.fetches += 1
-        if uri.endswith("bad.jpg"):
-            raise ImageRejectedError("corrupt JPEG image: bad")
-        # each photo its own bytes (its own cache key): the photo with its name appended after the JPEG end
-        data = self.photo + uri.encode()
-        return FetchedImage(data, inspect_image(data))
+    def __init__(self, loader: Loader, cache: Cache | None = None, model: Model | None = None) -> None:
+        s = OpalSettings()
+        s = s.model_copy(update={"worker": s.worker.model_copy(update={"retry_backoff_s": 0.0, "retry_backoff_max_s": 0.0})})
+        self.loader, self.cache, self.model = loader, cache, model or Model()
+        self.producer, self.consumer = Producer(), Consumer()
+        clients = EnrichClients(
+            consumers={Lane.REALTIME: self.consumer},  # type: ignore[dict-item]
+            producer=self.producer,  # type: ignore[arg-type]
+            model=self.model,  # type: ignore[arg-type]
+            loader=loader,  # type: ignore[arg-type]
+            cache=cache,  # type: ignore[arg-type]
+            schemas=default_categories(),
+            listing_codec=CODEC,
+            aspect_codec=ASPECTS,
+            dead_letter_codec=DEAD,
+        )
+        self.worker = EnrichWorker(s, clients)
+        self.worker.lanes.assigned.add((TOPIC, 0))
+        self.pipeline = Pipeline(self.worker.stages("opal-tiny@v1"), self.worker.policy, self.worker.stopping)
 
+    def hold(self, values: list[bytes]) -> list[Record]:
+        return [self.worker.lanes.hold(Message(i, v), Lane.REALTIME, 0.0) for i, v in enumerate(values)]  # type: ignore[arg-type]
 
-class BatchCache:
-    """MGET-like: a hit for ``hit.jpg``'s digest only; counts round trips."""
-
-    def __init__(self, hit_digest: str) -> None:
-        self.hit_digest = hit_digest
-        self.mgets: list[int] = []
-        self.gets = 0
-
-    async def get_many(self, keys: list[tuple[str, str, str]]) -> list[CachedListing | None]:
-        self.mgets.append(len(keys))
-        return [
-            CachedListing("A red shoe", [("Color", "Red", 0.9)], model_name="m", model_version="v") if k[2] == self.hit_digest else None
-            for k in keys
-        ]
-
-    async def get(self, version: str, schema_key: str, digest: str) -> CachedListing | None:
-        self.gets += 1
-        return None
-
-
-class RecordingProducer:
-    """Records what is produced; ``poll`` acknowledges it all (calls the delivery callbacks, as librdkafka does)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None, bytes]] = []
-        self._callbacks: list[Any] = []
-
-    def produce(self, topic: str, value: bytes, key: bytes | None = None, on_delivery: Any = None) -> None:
-        self.sent.append((topic, key, value))
-        self._callbacks.append(on_delivery)
-
-    def poll(self, timeout: float = 0) -> int:
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb(None, None)
-        return len(callbacks)
+    async def settle(self, records: list[Record]) -> None:
+        """Wait until every record's task (its batch's or its own) is done."""
+        while tasks := {r.task for r in records if r.task is not None and not r.task.done()}:
+            await asyncio.wait(tasks)
+        assert self.pipeline.fatal is None and self.worker.outputs.fatal is None
 
 
-class StoringConsumer:
-    def __init__(self) -> None:
-        self.stored: list[tuple[str, int, int]] = []
-
-    def store_offsets(self, offsets: list[Any]) -> None:
-        self.stored += [(tp.topic, tp.partition, tp.offset) for tp in offsets]
+def event(i: int, *uris: str) -> bytes:
+    return CODEC.encode(ListingImageEvent(listing_id=f"l{i}", category="shoes", images=[ImageRef(uri=u) for u in uris]))
 
 
-def test_a_poll_batch_is_looked_up_with_one_mget_and_only_misses_and_failures_get_a_task_of_their_own() -> None:
-    from schemas.events import AspectEvent, DeadLetter
+def test_a_record_fetches_and_decodes_its_images_once_however_often_it_is_retried() -> None:
+    h = Harness(Loader(), model=Model(failures=2))
+    records = h.hold([event(0, "https://cdn.example.com/a.jpg")])
 
-    s = OpalSettings()
-    codec: EventCodec[ListingImageEvent] = EventCodec(ListingImageEvent)
-    loader, producer, consumer = BatchLoader(), RecordingProducer(), StoringConsumer()
+    async def go() -> None:
+        await h.pipeline.run_batch(records)
+        await h.settle(records)
+
+    asyncio.run(go())
+    assert h.model.requests == 3  # two failures retried, then the answer
+    assert h.loader.fetches == 1 and h.loader.decodes == 1
+    out = h.producer.aspects()
+    assert len(out) == 1 and out[0].title == "A blue shoe" and not out[0].cache_hit and out[0].timings.inference_ms == 2.0
+    assert h.worker.metrics.value("opal_enrich_retries_total", reason="inference_failed") == 2
+
+
+def test_a_cache_hit_decodes_no_pixels_and_sends_no_model_request() -> None:
+    """Header checks and the hash of the raw bytes find the result; the full decode is only for a model request."""
+    same = PHOTO
+    h = Harness(Loader(), Cache(same))
+    records = h.hold([event(0, "file:///img/same.jpg")])
+    asyncio.run(h.pipeline.run_batch(records))
+    assert all(r.task is None for r in records)  # nothing left the batch: no task of its own
+    (out,) = h.producer.aspects()
+    assert out.cache_hit and out.title == "A red shoe" and out.image_sha256 == images_digest([hashlib.sha256(same).hexdigest()])
+    assert h.loader.reads == 1 and h.loader.decodes == 0 and h.model.requests == 0 and h.cache is not None and h.cache.mgets == [1]
+
+
+def test_a_truncated_photo_passes_the_header_checks_but_never_reaches_the_model() -> None:
+    """The bytes a cache miss would send are decoded first: a body cut short is a dead letter, no request sent."""
+    cut = PHOTO[: len(PHOTO) // 2]
+    header = inspect_image(cut)  # the header alone looks fine
+    whole = prepare_image(PHOTO)
+    assert (header.width, header.height) == (whole.width, whole.height)
+    h = Harness(Loader(cut), Cache())
+    records = h.hold([event(0, "file:///img/same.jpg")])
+
+    async def go() -> None:
+        await h.pipeline.run_batch(records)
+        await h.settle(records)
+
+    asyncio.run(go())
+    (dead,) = h.producer.dead_letters()
+    assert dead.error_kind == "invalid_image" and "corrupt JPEG" in dead.error_message and h.model.requests == 0
+
+
+def test_one_batch_one_mget_hits_go_out_at_once_and_misses_and_failures_continue_on_their_own() -> None:
     hit = PHOTO + b"file:///img/hit.jpg"
-    cache = BatchCache(hashlib.sha256(hit).hexdigest())
-    w = EnrichWorker(
-        s,
-        {Lane.REALTIME: consumer},
-        producer,
-        None,
-        loader,
-        cache,
-        default_categories(),
-        codec,
-        EventCodec(AspectEvent),
-        EventCodec(DeadLetter),  # type: ignore[dict-item, arg-type]
-    )
-    topic = s.topics.images_realtime
-    w.assigned.add((topic, 0))
-
-    def event(i: int, uri: str) -> bytes:
-        return codec.encode(ListingImageEvent(listing_id=f"l{i}", category="shoes", images=[ImageRef(uri=uri)]))
-
+    h = Harness(Loader(), Cache(hit))
     values = [
         event(0, "file:///img/hit.jpg"),
         event(1, "file:///img/miss.jpg"),
         b"\x00not avro",
         event(3, "file:///img/bad.jpg"),
-        event(4, "https://cdn.example.com/hit.jpg"),  # fetched over http (the loader's fetch gives the hit photo's bytes)
+        event(4, "https://cdn.example.com/hit.jpg"),  # fetched over http: the hit photo's bytes
         event(5, "file:///img/hit.jpg"),
     ]
-    jobs = [w._start(FakeMessage(i, v)) for i, v in enumerate(values)]  # type: ignore[arg-type]
-    assert w._held == {Lane.REALTIME: 6, Lane.BACKFILL: 0}
-    spawned: list[_Job] = []
-    w._spawn = spawned.append  # type: ignore[method-assign]
-    loader.fetch = lambda uri: _fetched(hit)  # type: ignore[method-assign, assignment]
-    asyncio.run(w._run_batch(jobs))
+    records = h.hold(values)
+    assert h.worker.lanes.held == {Lane.REALTIME: 6, Lane.BACKFILL: 0}
 
-    # local records in one MGET, produced before the http one is fetched; then the http one in its own MGET
-    assert cache.mgets == [3, 1] and cache.gets == 0
-    assert [(tp, k) for tp, k, _ in producer.sent] == [(s.topics.aspects, b"l0"), (s.topics.aspects, b"l5"), (s.topics.aspects, b"l4")]
-    hit_event = EventCodec(AspectEvent).decode(producer.sent[0][2])
-    assert hit_event.cache_hit and hit_event.title == "A red shoe" and hit_event.image_sha256 == cache.hit_digest
-    assert [(j.msg.offset(), type(j.error).__name__) for j in spawned] == [(2, "DecodeError"), (3, "ImageRejectedError"), (1, "NoneType")]
-    assert spawned[2].fetched is not None and spawned[2].event is not None and spawned[2].looked_up  # the miss keeps what was done
-    assert w.metrics.cache_hits._value.get() == 3 and w.metrics.cache_misses._value.get() == 1
+    async def go() -> None:
+        await h.pipeline.run_batch(records)
+        # the batch pass: local hits produced in one MGET; the miss, the http one and the failures left the batch
+        assert [ev.listing_id for ev in h.producer.aspects()] == ["l0", "l5"]
+        assert {r.msg.offset() for r in records if r.task is not None} == {1, 2, 3, 4}
+        h.worker.outputs.poll(0)  # acknowledged: released, stored only up to the first record still out (offset 1)
+        assert h.consumer.stored == [(TOPIC, 0, 1)]
+        await h.settle(records)
+        h.worker.outputs.poll(0)
 
-    # acknowledged: released, and the offset stored only up to the first record still out (offset 1, the miss)
-    w._poll(0)
-    assert w._held == {Lane.REALTIME: 3, Lane.BACKFILL: 0} and consumer.stored == [(topic, 0, 1)]
-
-    # the record's own task takes the batch pass's failure as its first attempt's: a dead letter with the reason
-    asyncio.run(w._process(spawned[0]))
-    asyncio.run(w._process(spawned[1]))
-    dead = [EventCodec(DeadLetter).decode(v) for tp, _, v in producer.sent if tp == s.topics.dead_letters]
-    assert [(d.origin_offset, d.error_kind, d.attempts) for d in dead] == [(2, "malformed_event", 1), (3, "invalid_image", 1)]
-    assert loader.fetches == 4  # each file image read once: the refused one was not read again by its own task
-    w._poll(0)
-    assert w._held == {Lane.REALTIME: 1, Lane.BACKFILL: 0} and consumer.stored == [(topic, 0, 1)]  # 1 still holds the prefix
+    asyncio.run(go())
+    assert h.cache is not None and h.cache.mgets[0] == 3  # the three local records that read their images: one MGET
+    assert sorted(ev.listing_id for ev in h.producer.aspects()) == ["l0", "l1", "l4", "l5"]
+    by_id = {ev.listing_id: ev for ev in h.producer.aspects()}
+    assert by_id["l4"].cache_hit and not by_id["l1"].cache_hit and h.model.requests == 1 and h.cache.puts == 1
+    dead = sorted((d.origin_offset, d.error_kind, d.attempts) for d in h.producer.dead_letters())
+    assert dead == [(2, "malformed_event", 1), (3, "invalid_image", 1)]
+    assert h.loader.reads == 4 and h.loader.fetches == 1  # each image read once (the refused one not again by its own task)
+    assert h.worker.lanes.held == {Lane.REALTIME: 0, Lane.BACKFILL: 0} and h.consumer.stored[-1] == (TOPIC, 0, 6)
+    assert h.worker.metrics.value("opal_enrich_cache_hits_total") == 3 and h.worker.metrics.value("opal_enrich_cache_misses_total") == 1
 
 
-def _fetched(data: bytes) -> Any:
-    async def fetch() -> FetchedImage:
-        return FetchedImage(data, inspect_image(data))
+def test_a_model_outage_parks_records_without_spending_attempts_and_a_probe_releases_them() -> None:
+    """Failures through the model up to the breaker's threshold open it: records wait (no dead letter), the probe
+    closes it, and they go on with a full budget."""
+    h = Harness(Loader(), model=Model(failures=10**6))
+    probes: list[str] = []
 
-    return fetch()
+    async def probe(name: str) -> None:
+        probes.append(name)
+        h.model.failures = 0  # the model is back
+
+    h.worker.gate.prober = probe
+    h.worker.gate.probe_backoff = type(h.worker.gate.probe_backoff)(0.0, 0.0)
+    values = [event(i, f"file:///img/p{i}.jpg") for i in range(3)]
+    records = h.hold(values)
+
+    async def go() -> None:
+        await h.pipeline.run_batch(records)
+        while not h.worker.gate.is_open("model"):
+            await asyncio.sleep(0)
+        assert h.producer.sent == []
+        while any(r.task is not None and not r.task.done() for r in records):
+            h.worker.gate.start_probes()
+            await asyncio.sleep(0)
+        await h.settle(records)
+
+    asyncio.run(go())
+    assert probes and len(h.producer.aspects()) == 3 and h.producer.dead_letters() == []
+    assert h.worker.metrics.value("opal_enrich_breaker_trips_total", dependency="model") == 1
