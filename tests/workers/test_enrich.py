@@ -80,7 +80,7 @@ def test_n_in_n_out_then_cache_skips_the_model(wsettings: OpalSettings, images: 
     assert sum(c.valid for c in checks.values()) == len(checks) - 1
     assert m2.value("opal_enrich_cache_hits_total") == 12
     assert m2.value("opal_enrich_model_requests_total") == 0
-    assert w2.client.stats.requests == 1  # only the start-up GET /models; no generation request
+    assert w2.clients.model.stats.requests == 1  # only the start-up GET /models; no generation request
 
 
 def test_poison_events_become_dead_letters(wsettings: OpalSettings, images: Path) -> None:
