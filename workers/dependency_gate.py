@@ -19,7 +19,8 @@ Contract
 - A breaker exists from a dependency's first failure (or :meth:`breaker`) on; :meth:`answered` for
   a dependency that never failed costs a dict look-up.
 - ``on_open(name, error)`` runs once per outage, when the breaker goes from closed to open;
-  ``on_close(name, open_for_s)`` once when it closes again; ``on_probe(name, up)`` after each probe.
+  ``on_close(name, open_for_s)`` once when it closes again; ``on_probe(name, up)`` after each probe;
+  ``on_wait(name)`` before each wait of :meth:`call` / :meth:`call_blocking`.
   Hooks must not raise or block (metrics, logging, pausing partitions).
 - :meth:`call` / :meth:`call_blocking` re-raise at once what ``is_outage`` does not accept; they
   return only with the operation's result (or raise :class:`GateStopped` when ``stop`` is set
@@ -78,6 +79,7 @@ class DependencyGate:
         on_open: Callable[[str, str], None] | None = None,
         on_close: Callable[[str, float], None] | None = None,
         on_probe: Callable[[str, bool], None] | None = None,
+        on_wait: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.failure_threshold = failure_threshold
@@ -87,6 +89,7 @@ class DependencyGate:
         self.on_open = on_open
         self.on_close = on_close
         self.on_probe = on_probe
+        self.on_wait = on_wait
         self.clock = clock
         self._deps: dict[str, _Dependency] = {}
         self._probes: set[asyncio.Task[None]] = set()
@@ -210,6 +213,10 @@ class DependencyGate:
         log.warning("%s: attempt %d failed (%s); retrying in %.1f s", name, attempt, clean_message(text, 300), delay)
         return delay
 
+    def _waiting(self, name: str) -> None:
+        if self.on_wait is not None:
+            self.on_wait(name)
+
     async def call(
         self,
         name: str,
@@ -227,6 +234,7 @@ class DependencyGate:
                     raise
                 attempt += 1
                 delay = self._after_failure(name, e, attempt)
+                self._waiting(name)
             else:
                 self.answered(name)
                 return result
@@ -259,7 +267,9 @@ class DependencyGate:
                 if not is_outage(e):
                     raise
                 attempt += 1
-                wait(self._after_failure(name, e, attempt))
+                delay = self._after_failure(name, e, attempt)
+                self._waiting(name)
+                wait(delay)
                 continue
             self.answered(name)
             return result

@@ -6,21 +6,20 @@
 - :func:`send_acked`: produce and wait for Kafka's acknowledgement, so an agent finishes an
   event (and faust may commit its offset) only after its outputs are stored;
   :func:`send_dead_letter` does the same for an event the agent gives up on.
-- :func:`through_outage`: an agent's call to a dependency (Redis, a judge endpoint) is
-  retried until it succeeds, with the one retry policy of :mod:`schemas.retry`: record
-  backoff first, then, once the dependency's breaker opens, probe backoff. The agent does
-  not take its next event meanwhile, so faust stops fetching: an outage pauses the agent,
-  it never turns into dead letters.
+- :func:`gate_for`: an agent's call to a dependency (Redis, a judge endpoint) goes through
+  :meth:`workers.dependency_gate.DependencyGate.call` and is retried until it succeeds, with
+  the one retry policy of :mod:`schemas.retry`: record backoff first, then, once the
+  dependency's breaker opens, probe backoff. The agent does not take its next event
+  meanwhile, so faust stops fetching: an outage pauses the agent, it never turns into dead
+  letters.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import faust
 
@@ -29,11 +28,10 @@ from schemas.events import DeadLetter
 from schemas.retry import Backoff
 from schemas.serde import EventCodec
 from schemas.settings import KafkaSettings, OpalSettings
-from workers.circuit import CircuitBreaker
+from workers.dependency_gate import DependencyGate
 from workers.intake import dead_letter_for
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def faust_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
@@ -99,46 +97,19 @@ async def send_dead_letter(
     counts["dead_lettered"] += 1
 
 
-def breaker_for(settings: OpalSettings, name: str) -> CircuitBreaker:
-    """A breaker for an agent's dependency, with the worker settings' thresholds and probe backoff."""
+def gate_for(settings: OpalSettings, counts: Counter[str]) -> DependencyGate:
+    """The dependency gate of an agent: the worker settings' breaker threshold, probe and record backoff; each wait
+    is counted in ``counts`` as ``waits:<dependency>``. An agent handles one event at a time, so it has no other
+    records to tell an outage from a record-specific failure: :meth:`DependencyGate.call` retries the operation (the
+    operation is the probe) until it succeeds. Pass an ``is_outage`` that accepts only failures that are never about
+    the event (connection errors, not error replies about its data)."""
     w = settings.worker
-    return CircuitBreaker(name, w.breaker_failures, Backoff(w.breaker_probe_s, w.breaker_probe_max_s))
-
-
-async def through_outage(
-    settings: OpalSettings,
-    breaker: CircuitBreaker,
-    op: Callable[[], Awaitable[T]],
-    counts: Counter[str],
-    is_outage: Callable[[Exception], bool] | None = None,
-) -> T:
-    """``await op()`` until it succeeds (see the module contract). Dependency failures are the
-    errors ``is_outage`` accepts and OpalErrors naming a ``dependency``; anything else propagates at once.
-
-    An agent handles one event at a time, so it has no other records to tell an outage from a
-    record-specific failure: it retries this operation (the operation is the probe) until it
-    succeeds. Callers pass an ``is_outage`` that accepts only failures that are never about the
-    event (connection errors, not error replies about its data)."""
-    retry = Backoff(settings.worker.retry_backoff_s, settings.worker.retry_backoff_max_s)
-    attempt = 0
-    while True:
-        try:
-            result = await op()
-        except Exception as e:
-            if not ((is_outage is not None and is_outage(e)) or (isinstance(e, OpalError) and e.dependency is not None)):
-                raise
-            err = e
-        else:
-            if breaker.is_open:
-                log.warning("%s answers again after %.1f s; resuming", breaker.name, breaker.open_for_s())
-            breaker.success()
-            return result
-        attempt += 1
-        counts[f"waits:{breaker.name}"] += 1
-        delay, opened = breaker.wait_after_failure(f"{type(err).__name__}: {err}", retry.delay(attempt))
-        if opened:
-            log.warning("%s is down (%s: %s); the agent waits and probes", breaker.name, type(err).__name__, err)
-        await asyncio.sleep(delay)
+    return DependencyGate(
+        w.breaker_failures,
+        Backoff(w.breaker_probe_s, w.breaker_probe_max_s),
+        Backoff(w.retry_backoff_s, w.retry_backoff_max_s),
+        on_wait=lambda name: counts.update([f"waits:{name}"]),
+    )
 
 
 class FaustRecord:

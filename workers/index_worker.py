@@ -14,7 +14,7 @@ Contract
 - Redis errors and retriable decode errors (schema registry down) are dependency
   failures, never dead letters (:mod:`schemas.retry`): the operation is retried with
   capped, jittered backoff; after ``max_attempts`` consecutive failures the Redis
-  breaker opens, every assigned partition is paused (the consumer keeps polling, so the
+  breaker opens (:class:`workers.dependency_gate.DependencyGate`), every assigned partition is paused (the consumer keeps polling, so the
   group keeps the member), and the operation is retried at the breaker's probe backoff
   until Redis answers; then partitions resume. The indexer never gives up on an outage.
 - ``stop`` is checked between batches, and while waiting for Redis: the current batch
@@ -41,13 +41,23 @@ from schemas.retry import Backoff
 from schemas.serde import CodecSet, EventCodec
 from schemas.settings import OpalSettings
 from topology.declared import INDEXER_GROUP
-from workers.circuit import CircuitBreaker, redis_outage
+from workers.circuit import redis_outage
+from workers.dependency_gate import DependencyGate, GateStopped
 from workers.intake import dead_letter_for
 from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+REDIS = "redis"
+"""The dependency name of the index's Redis at the gate."""
+
+
+def _outage(e: Exception) -> bool:
+    """A failure to wait out: Redis unreachable or busy, or a retriable OpalError (the schema registry down)."""
+    return isinstance(e, (redis.RedisError, OSError)) or (isinstance(e, OpalError) and e.retriable)
 
 
 class IndexerError(RuntimeError):
@@ -107,8 +117,15 @@ class SearchIndexer:
         self.backoff_s = backoff_s
         self.join_wait_s = join_wait_s
         self.metrics = metrics or IndexerMetrics()
-        self._backoff = Backoff(backoff_s, 30.0)
-        self.breaker = CircuitBreaker("redis", max_attempts, probe or Backoff(1.0, 30.0))
+        self.gate = DependencyGate(
+            max_attempts,
+            probe or Backoff(1.0, 30.0),
+            Backoff(backoff_s, 30.0),
+            on_open=self._opened,
+            on_close=self._closed,
+            on_wait=lambda _name: self.metrics.waits.inc(),
+        )
+        self.breaker = self.gate.breaker(REDIS)
         self._stop = threading.Event()
         self.stats = IndexerStats()
         self._assigned = False
@@ -208,37 +225,22 @@ class SearchIndexer:
         self.metrics.applied.labels(name).inc()
 
     def _retry(self, op: Callable[[], T]) -> T:
-        """Run ``op`` until it succeeds: retries with backoff, then (breaker open) with partitions
-        paused at the probe backoff. Raises :class:`IndexerError` only when ``stop`` is set meanwhile."""
-        attempt = 0
-        while True:
+        """Run ``op`` until it succeeds, through the dependency gate: retries with backoff, then (breaker open) with
+        partitions paused at the probe backoff. A Redis reply about the record's data is not retried: it raises
+        :class:`RecordRejectedByRedisError`. Raises :class:`IndexerError` only when ``stop`` is set meanwhile."""
+
+        def classified() -> T:
             try:
-                result = op()
+                return op()
             except (redis.RedisError, OSError) as e:
                 if not redis_outage(e):
                     raise RecordRejectedByRedisError(f"Redis refused the update: {e}") from None
-                err: Exception = e
-            except OpalError as e:
-                if not e.retriable:
-                    raise
-                err = e
-            else:
-                if self.breaker.is_open:
-                    log.warning("Redis answers again after %.1f s; resuming", self.breaker.open_for_s())
-                    self._resume()
-                self.breaker.success()
-                self.metrics.breaker_open.set(0)
-                return result
-            attempt += 1
-            delay, opened = self.breaker.wait_after_failure(f"{type(err).__name__}: {err}", self._backoff.delay(attempt))
-            if opened:
-                log.warning("Redis down (%s: %s); pausing partitions and probing", type(err).__name__, err)
-                self.metrics.breaker_open.set(1)
-                self._pause()
-            elif not self.breaker.is_open:
-                log.warning("attempt %d failed (%s: %s); retrying in %.1f s", attempt, type(err).__name__, err, delay)
-            self.metrics.waits.inc()
-            self._wait(delay)
+                raise
+
+        try:
+            return self.gate.call_blocking(REDIS, classified, _outage, self._wait, self._stop)
+        except GateStopped:
+            raise IndexerError("stopped while waiting for Redis; this batch's offsets were not stored (replayed next run)") from None
 
     def _wait(self, seconds: float) -> None:
         """Sleep while serving the consumer (its partitions are paused during an outage)."""
@@ -255,6 +257,14 @@ class SearchIndexer:
                     self.consumer.seek(TopicPartition(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
             else:
                 time.sleep(min(0.2, left))
+
+    def _opened(self, _name: str, _error: str) -> None:
+        self.metrics.breaker_open.set(1)
+        self._pause()
+
+    def _closed(self, _name: str, _open_for_s: float) -> None:
+        self.metrics.breaker_open.set(0)
+        self._resume()
 
     def _pause(self) -> None:
         try:

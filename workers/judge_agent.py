@@ -20,7 +20,7 @@ Contract
   error on one event becomes a DeadLetter too (``internal_error``), never a stuck agent.
   A judge failure that names a dependency (an :class:`~schemas.errors.OpalError` with
   ``dependency``, e.g. a judge endpoint that is down) is an outage: the agent waits and
-  retries through the breaker (:func:`workers.faust_app.through_outage`), no dead letter.
+  retries through the breaker (:func:`workers.faust_app.gate_for`), no dead letter.
 - Runs until SIGTERM/SIGINT (faust's worker stops the agent, commits and leaves).
 """
 
@@ -39,7 +39,7 @@ from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
 from schemas.serde import CodecSet
 from schemas.settings import OpalSettings
 from topology.declared import JUDGE_GROUP
-from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_acked, send_dead_letter, through_outage
+from workers.faust_app import gate_for, make_faust_app, raw_topic, send_acked, send_dead_letter
 
 log = logging.getLogger(__name__)
 JudgeResult = "tuple[JudgeOutcome, PreferencePair | None] | None"
@@ -72,7 +72,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
     counts = counts if counts is not None else Counter()
     t, j = settings.topics, settings.judge
     app = make_faust_app(settings, JUDGE_GROUP)
-    judge_breaker = breaker_for(settings, "judge")
+    gate = gate_for(settings, counts)
     source, outcomes = raw_topic(app, t.aspects), raw_topic(app, t.judge_outcomes)
     preferences, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
 
@@ -88,7 +88,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
                 counts["not_selected"] += 1
                 continue
             try:
-                result = await through_outage(settings, judge_breaker, lambda ev_=event: _call(judge, ev_), counts)
+                result = await gate.call("judge", lambda ev_=event: _call(judge, ev_))
             except Exception as e:  # one bad event must not stop the agent
                 log.exception("judge failed on %s", event.listing_id)
                 err = JudgeFailedError(f"judge failed: {type(e).__name__}: {e}")

@@ -13,7 +13,7 @@ Contract
   faust commits the offset only after both.
 - Records that are not a PreferencePair become DeadLetters with their reason.
 - A Redis error reply about a pair (not an outage) dead-letters that pair (``internal_error``).
-- Redis down: the agent waits on the pair it holds (:func:`workers.faust_app.through_outage`)
+- Redis down: the agent waits on the pair it holds (:func:`workers.faust_app.gate_for`)
   and faust stops fetching; it goes on where it was when Redis answers. Never a dead letter.
 """
 
@@ -34,9 +34,15 @@ from schemas.serde import CodecSet
 from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
 from workers.circuit import redis_outage
-from workers.faust_app import breaker_for, make_faust_app, raw_topic, send_dead_letter, through_outage
+from workers.dependency_gate import dependency_failure
+from workers.faust_app import gate_for, make_faust_app, raw_topic, send_dead_letter
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _redis_down(e: Exception) -> bool:
+    """Redis unreachable or busy (never a reply about the pair's data), or another dependency's failure."""
+    return redis_outage(e) or dependency_failure(e)
 
 
 def shard_path(out_dir: Path, pair: PreferencePair) -> Path:
@@ -62,7 +68,7 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
     app = make_faust_app(settings, PREFERENCE_GROUP)
     source, dead_letters = raw_topic(app, t.preferences), raw_topic(app, t.dead_letters)
     state = aioredis.Redis.from_url(settings.redis.url_value(), socket_timeout=5, socket_connect_timeout=5)
-    redis_breaker = breaker_for(settings, "redis")
+    gate = gate_for(settings, counts)
 
     @app.agent(source)
     async def build_shards(stream: faust.StreamT) -> None:
@@ -73,11 +79,11 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
                 await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, e, counts)
                 continue
             try:
-                if await through_outage(settings, redis_breaker, lambda p=pair: state.sismember(seen_key, p.pair_id), counts, redis_outage):
+                if await gate.call("redis", lambda p=pair: state.sismember(seen_key, p.pair_id), _redis_down):
                     counts["duplicates"] += 1
                     continue
                 append_line(shard_path(out_dir, pair), pair.model_dump_json())
-                await through_outage(settings, redis_breaker, lambda p=pair: state.sadd(seen_key, p.pair_id), counts, redis_outage)
+                await gate.call("redis", lambda p=pair: state.sadd(seen_key, p.pair_id), _redis_down)
             except RedisError as e:  # Redis answered with an error about this pair (not an outage): dead letter, go on
                 err = OpalError(f"Redis refused the pair: {e}")
                 err.reason = ErrorKind.INTERNAL

@@ -132,7 +132,7 @@ def test_agents_wait_out_a_dependency_outage_and_never_swallow_bugs() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     from schemas.settings import OpalSettings, WorkerSettings
-    from workers.faust_app import breaker_for, through_outage
+    from workers.faust_app import gate_for
 
     s = OpalSettings().model_copy(
         update={"worker": WorkerSettings(breaker_failures=2, breaker_probe_s=0.01, breaker_probe_max_s=0.02, retry_backoff_s=0.001)}
@@ -145,12 +145,14 @@ def test_agents_wait_out_a_dependency_outage_and_never_swallow_bugs() -> None:
             raise RedisConnectionError("connection refused")
         return "ok"
 
-    breaker, counts = breaker_for(s, "redis"), Counter[str]()
-    assert asyncio.run(through_outage(s, breaker, flaky, counts, lambda e: isinstance(e, RedisConnectionError))) == "ok"
+    counts = Counter[str]()
+    gate = gate_for(s, counts)
+    assert asyncio.run(gate.call("redis", flaky, lambda e: isinstance(e, RedisConnectionError))) == "ok"
+    breaker = gate.breaker("redis")
     assert breaker.trips == 1 and not breaker.is_open and counts["waits:redis"] == 5
 
     async def bug() -> str:
         raise KeyError("a bug, not an outage")
 
     with pytest.raises(KeyError):
-        asyncio.run(through_outage(s, breaker_for(s, "judge"), bug, Counter()))
+        asyncio.run(gate_for(s, Counter()).call("judge", bug))
