@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.category import AspectSpec, CategorySchema
+from schemas.category_schema import AspectSpec, CategorySchema
 
 BULK_FORMAT = "opal.category-schemas/1"
 

@@ -8,7 +8,7 @@ location overriding an earlier one** category by category. The packaged default
 (``schemas/induced/abo.json``, ``opal schemas induce``) overridden by the 25 hand-written
 schemas. Operators point ``OPAL_SCHEMAS_PATHS`` at their own taxonomy.
 
-:class:`SchemaWatcher` holds the current :class:`~schemas.category.CategoryRegistry` of a
+:class:`SchemaWatcher` holds the current :class:`~schemas.category_schema.CategoryRegistry` of a
 set of locations and swaps in a new one when a file changes (checked at most every
 ``reload_s`` seconds from :meth:`SchemaWatcher.poll`, or at once after
 :meth:`SchemaWatcher.request_reload`, which is safe to call from a signal handler). A set
@@ -21,10 +21,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 
 from schemas.bulk import is_bulk_file, read_bulk
-from schemas.category import CATEGORY_DIR, CategoryRegistry, CategorySchema
+from schemas.category_schema import CATEGORY_DIR, CategoryRegistry, CategorySchema
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,15 @@ class SchemaWatcher:
         return changed
 
 
+@cache
+def default_categories() -> CategoryRegistry:
+    """The category schemas shipped with OPAL (loaded once per process): :data:`DEFAULT_LOCATIONS`, the set induced
+    from the ABO catalogue overridden by the hand-written ones. Re-exported by :mod:`schemas.category`."""
+    return load_locations(DEFAULT_LOCATIONS)
+
+
 def configured_categories(locations: Sequence[Path]) -> CategoryRegistry:
     """The registry of ``locations`` (``OpalSettings().schemas.paths``); the packaged default is loaded once per process."""
-    from schemas.category import default_categories
-
     if tuple(Path(p).resolve() for p in locations) == tuple(p.resolve() for p in DEFAULT_LOCATIONS):
         return default_categories()
     return load_locations(locations)

@@ -123,3 +123,116 @@ def test_a_full_disk_is_named_before_the_model_install_begins(tmp_path: Path) ->
     )
     assert out.returncode != 0 and "GB free; installing OPAL's model environment needs about 1000000 GB" in out.stderr
     assert not venv.exists()  # refused before anything was made
+
+
+# -- no import cycles, function-level imports included --------------------------------------------------
+CYCLE_PACKAGES = (*LAYERS, "bench")
+
+
+def modules_under(root: Path, packages: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under ``root``'s ``packages`` (under ``root`` when none given)."""
+    files = sorted(f for d in ([root / p for p in packages] if packages else [root]) for f in d.rglob("*.py"))
+    return {".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): f for f in files}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imported_names(module: str, is_package: bool, tree: ast.Module) -> list[str]:
+    """Every module name ``tree`` imports, at any depth (functions, methods, try blocks): an import inside a function
+    still runs, only later. ``if TYPE_CHECKING:`` bodies never run and are left out. ``from a import b`` names
+    ``a.b``: the caller resolves it to ``a.b`` when that is a module, else to ``a``."""
+    package = module if is_package else module.rpartition(".")[0]
+    out: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            out.extend(f"{base}.{a.name}" if base else a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return out
+
+
+def import_graph(files: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ``files`` it imports (an import of ``a.b.c`` goes to the longest prefix that is one)."""
+    graph: dict[str, set[str]] = {}
+    for name, f in files.items():
+        targets: set[str] = set()
+        for imported in _imported_names(name, f.name == "__init__.py", ast.parse(f.read_text())):
+            parts = imported.split(".")
+            hit = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in files), None)
+            if hit is not None and hit != name:
+                targets.add(hit)
+        graph[name] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component: list[str] = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    return sorted(found)
+
+
+def test_no_import_cycles_among_the_projects_modules() -> None:
+    """No two modules of the project import each other, directly or through others, counting imports inside
+    functions: a function-level import hides a cycle from Python's import machinery, not from the design."""
+    cycles = import_cycles(import_graph(modules_under(REPO, CYCLE_PACKAGES)))
+    assert not cycles, "import cycles (move the piece that closes each loop to the module it belongs in): " + "; ".join(
+        " <-> ".join(c) for c in cycles
+    )
+
+
+def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
+    """The checker above finds a cycle closed by an import inside a function, or by a relative import; it ignores
+    ``if TYPE_CHECKING:`` imports and imports of other packages."""
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import json\nfrom p.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from p import c\n    return c\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from p import a\n")
+    assert import_cycles(import_graph(modules_under(tmp_path))) == []
+    (pkg / "c.py").write_text("def g():\n    from .a import f\n    return f\n")
+    assert import_cycles(import_graph(modules_under(tmp_path))) == [["p.a", "p.b", "p.c"]]
