@@ -25,8 +25,9 @@ Contract
 - **One run per checkpoint**: a run holds an exclusive lock on ``<state>.lock``; a second run
   of the same inventory (a Job retried while the old pod still runs) stops with an error.
 - :func:`run_backfill` returns after every sent event was acknowledged (or raises
-  :class:`BackfillError`: rerun to resume). KeyboardInterrupt stops sending, waits for what
-  is in flight, saves the checkpoint and re-raises.
+  :class:`BackfillError` at the first failed or refused event: rerun to resume). KeyboardInterrupt
+  stops sending, waits for what is in flight, saves the checkpoint and re-raises. Sending is paced
+  by :class:`workers.paced_producer.PacedProducer` (no burst after a throttle or a window wait).
 - **Lag** is the sum over the backfill topic's partitions of end offset minus the group's
   committed offset (the low watermark where it has none), plus this job's unacknowledged
   events. The end offset is the larger of the broker's and the highest this job saw
@@ -35,6 +36,8 @@ Contract
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import heapq
 import json
 import os
@@ -43,16 +46,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from schemas.events import ListingImageEvent
 from schemas.serde import CodecSet
 from schemas.settings import OpalSettings
 from workers.inventory import Format, RowRejected, count_rows, open_inventory, to_event
 from workers.kafka_clients import make_consumer, make_producer
+from workers.paced_producer import PacedProducer
 
 
 class BackfillError(RuntimeError):
@@ -210,8 +215,6 @@ class GroupLag:
 
 def fingerprint(path: Path) -> dict[str, Any]:
     """Size, modification time and a hash of the first MiB: enough to notice a replaced inventory."""
-    import hashlib
-
     st = path.stat()
     with path.open("rb") as f:
         head = hashlib.sha256(f.read(1 << 20)).hexdigest()
@@ -261,8 +264,6 @@ def run_backfill(
 
 def _lock(path: Path, label: str) -> Any:
     """An exclusive lock on ``path`` for as long as the returned file stays open: one run per checkpoint."""
-    import fcntl
-
     f = path.open("a")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -312,12 +313,10 @@ def _run(
 
     codec = CodecSet.of(s.kafka)[ListingImageEvent]
     topic = s.topics.images_backfill
-    producer = None if options.dry_run else make_producer(s.kafka)
+    producer = None if options.dry_run else PacedProducer(make_producer(s.kafka), options.rate_per_s)
     probe_consumer = None if options.dry_run else make_consumer(s.kafka, f"{s.worker.group_id}.backfill", **{"enable.auto.commit": False})
     lag = GroupLag(probe_consumer, topic) if probe_consumer is not None else None
     own_ends: dict[int, int] = {}
-    errors: list[str] = []
-
     rejected_rows: deque[int] = deque()  # rejected in this run, past the saved checkpoint
 
     def save() -> None:
@@ -325,11 +324,7 @@ def _run(
         SIGTERM raised in between must not count rows twice)."""
         nonlocal saved_through
         done = window.done_through
-        newly_rejected = 0
-        for r in rejected_rows:
-            if r > done:
-                break
-            newly_rejected += 1
+        newly_rejected = sum(r <= done for r in rejected_rows)  # rejected_rows is in row order
         published = ck.published + (done - ck.rows_done) - newly_rejected
         if not options.dry_run:
             rejects.flush()
@@ -341,20 +336,23 @@ def _run(
             ck.save(ck_path)
         saved_through = ck.rows_done
 
-    def delivered(row: int) -> Callable[[KafkaError | None, Message], None]:
-        def cb(err: KafkaError | None, msg: Message) -> None:
-            if err is not None:
-                errors.append(f"row {row}: {err}")
-                return
-            p = msg.partition()
-            own_ends[p] = max(own_ends.get(p, 0), (msg.offset() or 0) + 1)
-            rep.published += 1
-            window.finish(row)
+    def acked(row: int, msg: Message) -> None:
+        """The broker acknowledged ``row``'s event (a failed one never gets here: its row stays unfinished)."""
+        p = msg.partition()
+        own_ends[p] = max(own_ends.get(p, 0), (msg.offset() or 0) + 1)
+        rep.published += 1
+        window.finish(row)
 
-        return cb
+    def serve_acks(timeout_s: float) -> None:
+        """Serve delivery reports for up to ``timeout_s``; stop at a failed one: its row stays in flight for good (the
+        checkpoint never passes it), so never wait on it."""
+        assert producer is not None
+        producer.poll(timeout_s)
+        if producer.errors:
+            raise BackfillError(f"{len(producer.errors)} events were not acknowledged ({producer.problem()}): rerun to resume")
 
     rejects = rejects_path.open("a")
-    last_check = last_save = last_report = next_send = 0.0
+    last_check = last_save = last_report = 0.0
     since_check = 0
     check_every = max(1, options.max_lag // 10)
 
@@ -375,7 +373,6 @@ def _run(
 
     def throttle() -> None:
         """Wait while the backlog is above the bound; keep acknowledging and checkpointing meanwhile."""
-        assert producer is not None
         if measure_lag() <= options.max_lag:
             return
         ck.throttled = True
@@ -383,9 +380,7 @@ def _run(
         start = time.monotonic()
         try:
             while True:
-                producer.poll(0.25)
-                if errors:  # failed rows stay "in flight" forever: never wait on them
-                    raise BackfillError(f"{len(errors)} events were not acknowledged ({'; '.join(errors[:3])}): rerun to resume")
+                serve_acks(0.25)
                 save()
                 report(force=True)
                 if measure_lag() <= options.resume_at:
@@ -419,36 +414,23 @@ def _run(
                 window.skip(row.row)
                 report()
                 continue
-            now = time.monotonic()
-            if since_check >= check_every or now - last_check >= options.lag_check_s:
+            if since_check >= check_every or time.monotonic() - last_check >= options.lag_check_s:
                 throttle()
                 last_check, since_check = time.monotonic(), 0
             while row.row > saved_through + options.window:  # the crash bound: wait for acks, then checkpoint
-                producer.poll(0.05)
-                if errors:
-                    raise BackfillError(f"{len(errors)} events were not acknowledged ({'; '.join(errors[:3])}): rerun to resume")
+                serve_acks(0.05)
                 save()
-            if options.rate_per_s > 0:  # steady pacing, no catch-up burst after a pause
-                now = time.monotonic()
-                if next_send > now:
-                    time.sleep(next_send - now)
-                next_send = max(next_send, now) + 1 / options.rate_per_s
-            window.start(row.row)
-            producer.produce(topic, key=event.listing_id.encode(), value=codec.encode(event), on_delivery=delivered(row.row))
-            producer.poll(0)
+            window.start(row.row)  # before send: its ack can be served inside send; paced there, no burst after a pause
+            producer.send(topic, codec.encode(event), key=event.listing_id.encode(), label=f"row {row.row}", on_ack=partial(acked, row.row))
             since_check += 1
             ck.sent_through = row.row
-            if errors:
-                raise BackfillError(f"{len(errors)} events were not acknowledged ({'; '.join(errors[:3])}): rerun to resume")
-            now = time.monotonic()
-            if now - last_save >= 1.0:
+            serve_acks(0)  # a refused row (e.g. too large) or a failed delivery stops the run here
+            if (now := time.monotonic()) - last_save >= 1.0:
                 save()
                 last_save = now
             report()
-        if producer is not None:
-            left = producer.flush(60)
-            if left or errors:
-                raise BackfillError(f"{left or len(errors)} events were not acknowledged ({'; '.join(errors[:3])}): rerun to resume")
+        if producer is not None and (not_acked := producer.flush(60)):
+            raise BackfillError(f"{not_acked} events were not acknowledged ({producer.problem()}): rerun to resume")
         ck.finished = not options.dry_run
         save()
         rep.published_total, rep.rejected_total = ck.published, ck.rejected

@@ -38,8 +38,11 @@ Contract
 - Refused, counted as skipped with the reason: an origin topic that is not a replay lane, a
   truncated value, no value, a value that does not match its recorded SHA-256 (and, with the
   replay header, a second dead letter of a chain already replayed in this run).
+- Sending is paced by :class:`workers.paced_producer.PacedProducer`: time spent reading dead letters
+  that are not sent earns no burst afterwards.
 - :func:`replay` returns only after every record it sent was acknowledged by the broker. On a
-  delivery error it stops sending, waits for what is in flight and raises :class:`ReplayError`;
+  delivery error (or a record the producer refuses, such as one over ``message.max.bytes``) it
+  stops sending, waits for what is in flight and raises :class:`ReplayError`;
   the caller may rerun the whole replay (records already acknowledged are sent again: safe, see
   above). ``dry_run`` sends nothing and counts what would be sent.
 """
@@ -56,13 +59,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Producer, TopicPartition
 
 from schemas.errors import OpalError
 from schemas.events import DeadLetter
 from schemas.serde import EventCodec
 from schemas.settings import KafkaSettings, TopicSettings
 from workers.kafka_clients import make_consumer, make_producer
+from workers.paced_producer import PacedProducer
 
 REPLAYED_FROM = "opal-replayed-from"
 """Header on a replayed record: ``<dead-letter topic>/<partition>/<offset>`` of the first dead letter of its chain."""
@@ -395,64 +399,21 @@ def replay(
         for where, dl in read_dead_letters(kafka, topics.dead_letters, codec):
             selection.consider(dl, where)
         return report
-    sender = _Sender(producer or make_producer(kafka), rate_per_s)
+    sender = PacedProducer(producer or make_producer(kafka), rate_per_s)
     try:
         with contextlib.closing(read_dead_letters(kafka, topics.dead_letters, codec)) as records:
             for where, dl in records:
                 r = selection.consider(dl, where)
                 if r is not None:
-                    sender.send(r)
+                    sender.send(r.topic, r.value, key=r.key, headers=r.headers, label=f"{r.source} -> {r.topic}")
                     if progress is not None and sender.sent % 100 == 0:
                         progress(sender.sent)
                 if sender.errors:
                     break  # stop at the first delivery error: fewer records to send again on the rerun
     except BaseException:
-        sender.producer.flush(flush_timeout_s)  # what was handed over lands (or fails) before the error goes up
+        sender.flush(flush_timeout_s)  # what was handed over lands (or fails) before the error goes up
         raise
-    sender.finish(flush_timeout_s)
+    not_acked = sender.flush(flush_timeout_s)
+    if not_acked:
+        raise ReplayError(f"{not_acked} of {sender.sent} replayed records not acknowledged ({sender.problem()}): rerun the replay")
     return report
-
-
-class _Sender:
-    """Produces replays at a bounded rate and keeps their delivery reports."""
-
-    def __init__(self, producer: Producer, rate_per_s: float) -> None:
-        self.producer = producer
-        self.rate_per_s = rate_per_s
-        self.sent = 0
-        self.acked = 0
-        self.errors: list[str] = []
-        self._next = 0.0  # when the next record may go
-
-    def _delivered(self, err: KafkaError | None, _msg: object) -> None:
-        if err is not None:
-            self.errors.append(str(err))
-        else:
-            self.acked += 1
-
-    def send(self, r: Replay) -> None:
-        if self.rate_per_s > 0:  # steady pacing: time spent reading records that do not match earns no burst
-            now = time.monotonic()
-            if self._next > now:
-                time.sleep(self._next - now)
-            self._next = max(self._next, now) + 1 / self.rate_per_s
-        while True:
-            try:
-                self.producer.produce(r.topic, key=r.key, value=r.value, headers=r.headers, on_delivery=self._delivered)
-                break
-            except BufferError:  # the local queue is full: let deliveries drain
-                self.producer.poll(0.5)
-            except KafkaException as e:  # refused before sending (e.g. larger than message.max.bytes): stop like a failed delivery
-                self.errors.append(f"{r.source} -> {r.topic} not accepted by the producer: {e}")
-                self.sent += 1
-                return
-        self.sent += 1
-        self.producer.poll(0)
-
-    def finish(self, timeout_s: float) -> None:
-        left = self.producer.flush(timeout_s)
-        if left or self.errors or self.acked != self.sent:
-            raise ReplayError(
-                f"{self.sent - self.acked} of {self.sent} replayed records not acknowledged"
-                f" ({'; '.join(self.errors[:3]) or f'{left} still in flight after {timeout_s:g} s'}): rerun the replay"
-            )

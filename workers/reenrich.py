@@ -15,8 +15,9 @@ Contract
   version), so a rerun (or a crash and rerun) re-sends the same events, recognisable
   downstream; listings already at the target version are not sent again.
 - :func:`publish` returns only after every event it sent was acknowledged (raises on a
-  delivery error: rerun it). Undecodable records and events without images are counted,
-  never sent.
+  delivery error or a record the producer refuses: rerun it). Paced without a catch-up burst;
+  a full producer queue is waited out (``workers/paced_producer.py``). Undecodable records and
+  events without images are counted, never sent.
 - Progress: :func:`plan` and :func:`publish` report through a callback; the counts say how
   far the catalogue has converged (listings at the target version / all listings).
 """
@@ -24,18 +25,18 @@ Contract
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import Producer
 
 from schemas.errors import OpalError
 from schemas.events import AspectEvent, Lane, ListingImageEvent
 from schemas.serde import EventCodec
 from schemas.settings import KafkaSettings
 from workers.kafka_clients import messages_to_end
+from workers.paced_producer import PacedProducer
 
 E = TypeVar("E")
 
@@ -115,27 +116,15 @@ def publish(
     rate_per_s: float,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Send ``events`` (keyed by listing id) at most ``rate_per_s`` a second; returns how many were acknowledged."""
-    errors: list[str] = []
-    acked = 0
-
-    def delivered(err: KafkaError | None, _msg: object) -> None:
-        nonlocal acked
-        if err is not None:
-            errors.append(str(err))
-        else:
-            acked += 1
-
-    t0 = time.monotonic()
+    """Send ``events`` (keyed by listing id) at most ``rate_per_s`` a second (0: no limit); returns how many were
+    acknowledged, which is all of them: raises RuntimeError when any was not (a delivery error, a record the producer
+    refused, or one still in flight after 60 s). Paced by :class:`workers.paced_producer.PacedProducer`."""
+    sender = PacedProducer(producer, rate_per_s)
     for i, ev in enumerate(events, 1):
-        if rate_per_s > 0:
-            wait = t0 + i / rate_per_s - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-        producer.produce(topic, key=ev.listing_id.encode(), value=codec.encode(ev), on_delivery=delivered)
-        producer.poll(0)
+        sender.send(topic, codec.encode(ev), key=ev.listing_id.encode(), label=ev.listing_id)
         if progress is not None and (i % 50 == 0 or i == len(events)):
             progress(i, len(events))
-    if producer.flush(60) or errors:
-        raise RuntimeError(f"{len(errors) or 'some'} re-enrichment events were not acknowledged ({'; '.join(errors[:3])}): rerun")
-    return acked
+    not_acked = sender.flush(60)
+    if not_acked:
+        raise RuntimeError(f"{not_acked} of {sender.sent} re-enrichment events were not acknowledged ({sender.problem()}): rerun")
+    return sender.acked

@@ -1,14 +1,15 @@
-"""Dead-letter replay (workers/dlq.py): the pure selection, the sender's error path, and replay on the real broker
-with dead letters written by the real enrich worker (its model is never called: every record fails before that)."""
+"""Dead-letter replay (workers/dlq.py): the pure selection, replay's error path (real broker, a failing producer), and
+replay on the real broker with dead letters written by the real enrich worker (its model is never called: every record
+fails before that). Pacing itself is tested in test_paced_producer.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import re
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ from workers.dlq import (
     ReplayError,
     ReplayReport,
     Selection,
-    _Sender,
     check,
     parse_since,
     read_dead_letters,
@@ -173,17 +173,16 @@ def test_replay_needs_a_reason() -> None:
 
 
 class _Producer:
-    """What _Sender uses of a confluent-kafka Producer; ``fail`` makes every delivery report an error."""
+    """What replay's PacedProducer uses of a confluent-kafka Producer, with deliveries reported on poll/flush:
+    ``fail`` makes every delivery report an error, ``refuse`` makes produce raise (as for a value over
+    message.max.bytes)."""
 
-    def __init__(self, fail: bool = False, full_once: bool = False, refuse: bool = False) -> None:
-        self.fail, self.full_once, self.refuse = fail, full_once, refuse
+    def __init__(self, fail: bool = False, refuse: bool = False) -> None:
+        self.fail, self.refuse = fail, refuse
         self.sent: list[tuple[str, bytes | None, bytes, Any]] = []
         self._pending: list[Any] = []
 
-    def produce(self, topic: str, key: bytes | None, value: bytes, headers: Any, on_delivery: Any) -> None:
-        if self.full_once:
-            self.full_once = False
-            raise BufferError("queue full")
+    def produce(self, topic: str, value: bytes, key: bytes | None, headers: Any, on_delivery: Any) -> None:
         if self.refuse:
             raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
         self.sent.append((topic, key, value, headers))
@@ -198,34 +197,6 @@ class _Producer:
     def flush(self, _timeout: float) -> int:
         self.poll(0)
         return 0
-
-
-def test_sender_paces_retries_a_full_queue_and_raises_unless_all_are_acknowledged() -> None:
-    r = Replay("t", b"k", b"v", [(REPLAYED_FROM, b"d/0/1")], "d/0/1")
-    ok = _Producer(full_once=True)
-    sender = _Sender(ok, rate_per_s=40)  # type: ignore[arg-type]
-    t0 = time.monotonic()
-    for _ in range(5):
-        sender.send(r)
-    sender.finish(1)
-    assert time.monotonic() - t0 >= 4 / 40 - 0.01  # the 5th record waits for its slot
-    assert len(ok.sent) == 5 and sender.acked == 5 and ok.sent[0] == ("t", b"k", b"v", [(REPLAYED_FROM, b"d/0/1")])
-    later = _Sender(_Producer(), rate_per_s=40)  # type: ignore[arg-type]
-    time.sleep(0.3)  # reading records that do not match earns no burst afterwards
-    t1 = time.monotonic()
-    for _ in range(5):
-        later.send(r)
-    assert time.monotonic() - t1 >= 4 / 40 - 0.01
-    bad = _Sender(_Producer(fail=True), rate_per_s=0)  # type: ignore[arg-type]
-    bad.send(r)
-    assert bad.errors  # the caller stops sending at the first error
-    with pytest.raises(ReplayError, match=r"1 of 1 replayed records not acknowledged.*rerun the replay"):
-        bad.finish(1)
-    refused = _Sender(_Producer(refuse=True), rate_per_s=0)  # type: ignore[arg-type]
-    refused.send(r)
-    assert refused.errors
-    with pytest.raises(ReplayError, match=r"d/0/1 -> t not accepted by the producer"):
-        refused.finish(1)
 
 
 # -- on the real broker -----------------------------------------------------------------------------------
@@ -306,6 +277,30 @@ def test_a_read_ends_where_the_topic_ended_when_it_began(settings: OpalSettings)
     assert len(list(read_dead_letters(s.kafka, t.dead_letters, DL))) == 9 + 9 * 9
     with pytest.raises(LookupError, match="opal topology apply"):
         next(read_dead_letters(s.kafka, f"{t.dead_letters}-missing", DL))
+
+
+def test_replay_stops_at_the_first_record_not_acknowledged_and_says_rerun(settings: OpalSettings) -> None:
+    s, t = settings, settings.topics
+    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    keys = [b"a", b"b", b"c"]
+    publish(s, t.dead_letters, [(k, DL.encode(_dl(t.images_realtime, key=k, value=b"value-" + k))) for k in keys])
+    invalid = Criteria(reasons=frozenset({"invalid_image"}))
+
+    record = rf"{re.escape(t.dead_letters)}/\d+/\d+ -> {re.escape(t.images_realtime)}"
+    failing = _Producer(fail=True)  # every delivery report is an error
+    with pytest.raises(ReplayError, match=rf"^1 of 1 replayed records not acknowledged \({record}: .*\): rerun the replay$"):
+        replay(s.kafka, t, DL, invalid, producer=failing)  # type: ignore[arg-type]
+    assert len(failing.sent) == 1, "sending stops at the first delivery error"
+    refusing = _Producer(refuse=True)  # produce() itself raises: a failed record, not a crash
+    with pytest.raises(ReplayError, match=rf"^1 of 1 replayed records not acknowledged \({record} not accepted by the producer: "):
+        replay(s.kafka, t, DL, invalid, producer=refusing)  # type: ignore[arg-type]
+
+    ok = _Producer()
+    report = replay(s.kafka, t, DL, invalid, producer=ok)  # type: ignore[arg-type]
+    assert report.replayed == 3 and sorted((topic, key, value) for topic, key, value, _ in ok.sent) == [
+        (t.images_realtime, k, b"value-" + k) for k in keys
+    ]
+    assert all(dict(headers)[REPLAYED_FROM].startswith(f"{t.dead_letters}/".encode()) for *_, headers in ok.sent)
 
 
 def test_replay_sends_exactly_the_matching_dead_letters_back_to_their_lanes(
