@@ -6,7 +6,10 @@ Framing
   parsing canonical form + the binary body. Needs no registry: readers resolve the
   fingerprint against the schema history shipped in ``schemas/avro/<name>/v<N>.avsc``.
 - :class:`ConfluentFraming` (when ``OPAL_KAFKA_SCHEMA_REGISTRY_URL`` is set): ``00`` +
-  4-byte big-endian registry id + body, the format Confluent tooling reads.
+  4-byte big-endian registry id + body, the format Confluent tooling reads. The registry is
+  reached through confluent-kafka's clients (:mod:`schemas.registry`; ``confluent_kafka`` is
+  imported only when a registry is used);
+  async callers ``await codec.warm(values)`` before decoding (:class:`EventCodec`).
 
 Evolution rules (enforced by ``tests/schemas/test_serde.py`` over every pair of versions)
 1. A new version goes in a new ``v<N+1>.avsc``; released files are never edited.
@@ -22,20 +25,20 @@ unknown fields are skipped.
 
 Errors: ``decode`` raises only :class:`DecodeError`, :class:`UnknownSchemaError`,
 :class:`InvalidEventError` or (registry unreachable, retriable)
-:class:`SchemaRegistryError`. ``encode`` raises ``ValueError`` for an event that
-does not fit its schema (a bug, not bad input).
+:class:`SchemaRegistryError` (also: a registry id not warmed, decoded inside a running
+event loop). ``encode`` raises ``ValueError`` for an event that does not fit its schema (a
+bug, not bad input) and, with a registry, the registry's errors.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import io
 import json
 import re
 import struct
 import threading
-import urllib.error
-import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -44,8 +47,9 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import SecretStr, ValidationError
 
-from schemas.errors import DecodeError, InvalidEventError, SchemaRegistryError, UnknownSchemaError
+from schemas.errors import DecodeError, InvalidEventError, OpalError, SchemaRegistryError, UnknownSchemaError
 from schemas.events import _Event
+from schemas.registry import SchemaRegistryClient
 from schemas.settings import KafkaSettings
 
 AVRO_ROOT = Path(__file__).parent / "avro"
@@ -132,6 +136,10 @@ class Framing(Protocol):
 
     def unframe(self, data: bytes) -> tuple[StoredSchema, bytes]: ...
 
+    async def warm(self, values: Iterable[bytes | None]) -> None:
+        """Learn, without blocking the running loop, every writer schema ``values`` name, so that :meth:`unframe`
+        of them does no network I/O. Never raises for a value: what failed is raised by its :meth:`unframe`."""
+
 
 class SingleObjectFraming:
     """Avro single-object encoding against a :class:`SchemaStore`."""
@@ -149,70 +157,44 @@ class SingleObjectFraming:
             raise DecodeError(f"bad single-object magic {data[:2].hex()} (expected c301)")
         return self.store.by_fingerprint(data[2:10]), data[10:]
 
-
-class SchemaRegistryClient:
-    """Minimal Confluent Schema Registry client (stdlib HTTP; subjects by record name).
-
-    Results are cached forever (registry ids are immutable). Network failures and
-    5xx raise :class:`SchemaRegistryError` (retriable); a 404 for an id raises
-    :class:`UnknownSchemaError`. A ``user:password@`` in ``url`` is taken off it (so no
-    message or attribute shows it) and used as ``auth`` unless ``auth`` is given.
-    """
-
-    def __init__(self, url: str, auth: SecretStr | None = None, timeout_s: float = 10.0) -> None:
-        from schemas.settings import split_userinfo
-
-        bare, userinfo = split_userinfo(url)
-        self.url = bare.rstrip("/")
-        self.timeout_s = timeout_s
-        self._auth = auth if auth is not None or userinfo is None else SecretStr(userinfo)
-        self._ids: dict[str, int] = {}
-        self._schemas: dict[int, dict[str, Any]] = {}
-
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-        if self._auth is not None:
-            token = base64.b64encode(self._auth.get_secret_value().encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise UnknownSchemaError(f"schema registry has no {path}") from None
-            if e.code >= 500:
-                raise SchemaRegistryError(f"schema registry {method} {path}: HTTP {e.code}") from None
-            raise SchemaRegistryError(f"schema registry refused {method} {path}: HTTP {e.code}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            raise SchemaRegistryError(f"schema registry unreachable at {self.url}: {e}") from None
-
-    def register(self, subject: str, schema: StoredSchema) -> int:
-        """Register (idempotent in the registry) and return the schema id."""
-        key = f"{subject}\0{schema.canonical}"
-        if key not in self._ids:
-            res = self._request("POST", f"/subjects/{subject}/versions", {"schema": json.dumps(schema.raw)})
-            self._ids[key] = int(res["id"])
-            self._schemas[int(res["id"])] = schema.raw
-        return self._ids[key]
-
-    def schema(self, schema_id: int) -> dict[str, Any]:
-        if schema_id not in self._schemas:
-            res = self._request("GET", f"/schemas/ids/{schema_id}")
-            self._schemas[schema_id] = json.loads(res["schema"])
-        return self._schemas[schema_id]
+    async def warm(self, values: Iterable[bytes | None]) -> None:
+        """Nothing to fetch: every writer schema this framing reads is in the store already."""
 
 
 class ConfluentFraming:
-    """Confluent wire format; subjects use the record-name strategy."""
+    """Confluent wire format (``00`` + 4-byte big-endian registry id + body); subjects use the record-name strategy.
+
+    Writer schemas are learnt by id from the registry and kept (ids are immutable). How an id is learnt:
+
+    - :meth:`warm` (``async``) fetches every unseen id among raw values with the asyncio client, concurrently, one
+      request per id however many callers wait for it; it never raises for an id (a failure is kept and raised
+      by that id's :meth:`unframe`) and re-fetches ids that failed before.
+    - :meth:`unframe` of an unseen id with **no event loop running in this thread** fetches it with the
+      blocking client (a worker thread, a script, the indexer's poll loop).
+    - :meth:`unframe` of an unseen id **inside a running event loop** never blocks the loop: it raises
+      :class:`SchemaRegistryError` (retriable) and starts fetching the id in the background on that loop, so a
+      retry after the fetch finds it. An id whose last fetch failed raises that failure instead
+      (:class:`UnknownSchemaError` for a 404: not retriable; :class:`SchemaRegistryError`: retriable, re-fetched
+      in the background).
+
+    :meth:`frame` registers the writer schema once per framing with the blocking client (the first encode of a
+    type may block up to the registry timeout; the ids of schemas it registered decode without a fetch).
+    """
 
     def __init__(self, registry: SchemaRegistryClient) -> None:
         self.registry = registry
+        self._ids: dict[tuple[str, bytes], int] = {}  # (subject, fingerprint) -> id registered by frame()
         self._by_id: dict[int, StoredSchema] = {}
+        self._failed: dict[int, OpalError] = {}  # the last fetch of these ids failed with this error
+        self._fetching: dict[int, asyncio.Task[None]] = {}
 
     def frame(self, schema: StoredSchema, body: bytes) -> bytes:
-        schema_id = self.registry.register(schema.full_name, schema)
+        key = (schema.full_name, schema.fingerprint)
+        schema_id = self._ids.get(key)
+        if schema_id is None:
+            schema_id = self.registry.register(schema.full_name, json.dumps(schema.raw))
+            self._by_id.setdefault(schema_id, StoredSchema.from_dict(f"registry:{schema_id}", schema_id, schema.raw))
+            self._ids[key] = schema_id
         return CONFLUENT_MAGIC + struct.pack(">I", schema_id) + body
 
     def unframe(self, data: bytes) -> tuple[StoredSchema, bytes]:
@@ -221,17 +203,78 @@ class ConfluentFraming:
         if data[:1] != CONFLUENT_MAGIC:
             raise DecodeError(f"bad Confluent magic byte {data[:1].hex()} (expected 00)")
         (schema_id,) = struct.unpack(">I", data[1:5])
-        if schema_id not in self._by_id:
-            raw = self.registry.schema(schema_id)
-            self._by_id[schema_id] = StoredSchema.from_dict(f"registry:{schema_id}", schema_id, raw)
-        return self._by_id[schema_id], data[5:]
+        found = self._by_id.get(schema_id)
+        return (found if found is not None else self._resolve(schema_id)), data[5:]
+
+    async def warm(self, values: Iterable[bytes | None]) -> None:
+        loop = asyncio.get_running_loop()
+        unseen = {
+            struct.unpack(">I", v[1:5])[0] for v in values if v is not None and len(v) >= 5 and v[:1] == CONFLUENT_MAGIC
+        } - self._by_id.keys()
+        if unseen:
+            await asyncio.wait([self._fetch(schema_id, loop) for schema_id in sorted(unseen)])
+
+    def _resolve(self, schema_id: int) -> StoredSchema:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop in this thread: blocking here blocks no one else
+            return self._learn(schema_id, self.registry.schema(schema_id))
+        failed = self._failed.get(schema_id)
+        if failed is None or failed.retriable:
+            self._fetch(schema_id, loop)
+        if failed is not None:
+            raise failed
+        raise SchemaRegistryError(
+            f"writer schema id {schema_id} is not known yet and an event loop is running: await codec.warm(values) "
+            "before decoding them (fetching it in the background now; a retry will find it)"
+        )
+
+    def _fetch(self, schema_id: int, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
+        task = self._fetching.get(schema_id)
+        if task is None or task.done() or task.get_loop() is not loop:
+            task = self._fetching[schema_id] = loop.create_task(self._fetch_now(schema_id), name=f"schema-id-{schema_id}")
+        return task
+
+    async def _fetch_now(self, schema_id: int) -> None:
+        try:
+            self._learn(schema_id, await self.registry.schema_async(schema_id))
+        except OpalError as e:
+            self._failed[schema_id] = e
+        finally:
+            if self._fetching.get(schema_id) is asyncio.current_task():
+                del self._fetching[schema_id]
+
+    def _learn(self, schema_id: int, raw: dict[str, Any]) -> StoredSchema:
+        try:
+            stored = StoredSchema.from_dict(f"registry:{schema_id}", schema_id, raw)
+        except Exception as e:  # fastavro's SchemaParseException, a KeyError for a record without a name, ...
+            raise UnknownSchemaError(
+                f"registry schema id {schema_id} is no Avro schema this reader can use: {type(e).__name__}: {e}"
+            ) from None
+        self._by_id[schema_id] = stored
+        self._failed.pop(schema_id, None)
+        return stored
 
 
 E = TypeVar("E", bound=_Event)
 
 
 class EventCodec(Generic[E]):
-    """Encode/decode one event type. Stateless apart from caches; thread-safe."""
+    """Encode/decode one event type. Stateless apart from caches; thread-safe.
+
+    Decoding from async code (the contract of the non-blocking path):
+
+    - ``await codec.warm(values)`` before ``codec.decode(v)`` for ``v`` in ``values``, on the loop that decodes:
+      with a registry (:class:`ConfluentFraming`) it fetches the writer schemas of the ids it has not seen, with the
+      asyncio client; afterwards ``decode`` of those values does no network I/O. With single-object framing (the
+      default) it returns at once. ``warm`` never raises for a value: a failed fetch is raised by that value's
+      ``decode`` (:class:`UnknownSchemaError`, or :class:`SchemaRegistryError`: retriable, warm again).
+    - ``decode`` never blocks a running event loop: an id not warmed raises :class:`SchemaRegistryError`
+      (retriable) and is fetched in the background, so a retry finds it. Without a running loop (a thread, a
+      script) ``decode`` fetches an unseen id itself, blocking that thread up to the registry timeout.
+    - ``encode`` registers the writer schema once per framing with the blocking client: with a registry, the first
+      encode of a type may block up to the registry timeout.
+    """
 
     def __init__(self, model: type[E], store: SchemaStore | None = None, framing: Framing | None = None) -> None:
         self.model = model
@@ -249,7 +292,14 @@ class EventCodec(Generic[E]):
             raise ValueError(f"{self.model.__name__} does not fit {self.writer.full_name} v{self.writer.version}: {e}") from e
         return self.framing.frame(self.writer, buf.getvalue())
 
+    async def warm(self, values: Iterable[bytes | None]) -> None:
+        """Fetch, without blocking the running loop, the writer schemas ``values`` need (class docstring); never
+        raises for a value. A no-op for single-object framing."""
+        await self.framing.warm(values)
+
     def decode(self, data: bytes | None) -> E:
+        """The event in ``data``; raises only the errors of the module docstring. No network I/O once the value's
+        writer schema is known; never blocks a running event loop (class docstring)."""
         if data is None:
             raise DecodeError("record has no value (tombstone or null)")
         writer, body = self.framing.unframe(bytes(data))

@@ -104,7 +104,7 @@ def images(tmp_path: Path) -> Path:
 @pytest.fixture
 def wsettings(settings: OpalSettings, vllm_url: str, images: Path) -> OpalSettings:
     """Settings for an enrichment worker on the session's vLLM server, with its own group, topics and cache prefix."""
-    from confluent_kafka.admin import AdminClient
+    from workers.kafka_clients import make_admin
 
     s = settings.model_copy(
         update={
@@ -124,5 +124,5 @@ def wsettings(settings: OpalSettings, vllm_url: str, images: Path) -> OpalSettin
     from topology.admin import apply_topology
     from topology.declared import build_topology
 
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     return s

@@ -6,6 +6,9 @@
 - :func:`send_acked`: produce and wait for Kafka's acknowledgement, so an agent finishes an
   event (and faust may commit its offset) only after its outputs are stored;
   :func:`send_dead_letter` does the same for an event the agent gives up on.
+- :func:`decode_event`: an agent decodes an event without blocking the event loop (an unseen schema
+  registry id is fetched with the asyncio client, :meth:`schemas.serde.EventCodec.warm`), and waits a
+  registry outage out through its gate like any dependency: an outage never dead-letters an event.
 - :func:`gate_for`: an agent's call to a dependency (Redis, a judge endpoint) goes through
   :meth:`workers.dependency_gate.DependencyGate.call` and is retried until it succeeds, with
   the one retry policy of :mod:`schemas.retry`: record backoff first, then, once the
@@ -19,12 +22,12 @@ from __future__ import annotations
 import logging
 import ssl
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 
 from schemas.errors import OpalError
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, _Event
 from schemas.retry import Backoff
 from schemas.serde import EventCodec
 from schemas.settings import KafkaSettings, OpalSettings
@@ -32,6 +35,10 @@ from workers.dependency_gate import DependencyGate
 from workers.intake import dead_letter_for
 
 log = logging.getLogger(__name__)
+E = TypeVar("E", bound=_Event)
+
+SCHEMA_REGISTRY = "schema-registry"
+"""The dependency name of the schema registry at an agent's gate."""
 
 
 def faust_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
@@ -95,6 +102,19 @@ async def send_dead_letter(
     """The DeadLetter for faust event ``ev`` (raw key, value, headers and the reason), acknowledged; counted."""
     await send_acked(topic, ev.key, codec.encode(dead_letter_for(FaustRecord(source_topic, ev), error)))
     counts["dead_lettered"] += 1
+
+
+async def decode_event(gate: DependencyGate, codec: EventCodec[E], value: bytes | None) -> E:
+    """``codec.decode(value)`` from an agent: the writer schema is fetched first without blocking the loop
+    (:meth:`EventCodec.warm`; a no-op without a registry), and a retriable failure (the registry unreachable or
+    answering 5xx) is retried through ``gate`` until the registry answers. Raises the decode's other
+    :class:`OpalError` (bad bytes, unknown schema, contract breach): the agent dead-letters those."""
+
+    async def once() -> E:
+        await codec.warm([value])
+        return codec.decode(value)
+
+    return await gate.call(SCHEMA_REGISTRY, once, is_outage=lambda e: isinstance(e, OpalError) and e.retriable)
 
 
 def gate_for(settings: OpalSettings, counts: Counter[str]) -> DependencyGate:

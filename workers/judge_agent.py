@@ -16,6 +16,8 @@ Contract
   takes the next event, and faust commits an offset only after the agent finished the
   event. A crash replays the uncommitted tail; the same keys and contents are written
   again, which compaction and the pair id make harmless.
+- Decoding never blocks the loop, and a schema registry outage is waited out like any
+  dependency (:func:`workers.faust_app.decode_event`).
 - A record that is not an AspectEvent becomes a DeadLetter with its reason; a judge
   error on one event becomes a DeadLetter too (``internal_error``), never a stuck agent.
   A judge failure that names a dependency (an :class:`~schemas.errors.OpalError` with
@@ -39,7 +41,7 @@ from schemas.events import AspectEvent, DeadLetter, JudgeOutcome, PreferencePair
 from schemas.serde import CodecSet
 from schemas.settings import OpalSettings
 from topology.declared import JUDGE_GROUP
-from workers.faust_app import gate_for, make_faust_app, raw_topic, send_acked, send_dead_letter
+from workers.faust_app import decode_event, gate_for, make_faust_app, raw_topic, send_acked, send_dead_letter
 
 log = logging.getLogger(__name__)
 JudgeResult = "tuple[JudgeOutcome, PreferencePair | None] | None"
@@ -80,7 +82,7 @@ def build_judge_app(settings: OpalSettings, judge: JudgeFn, counts: Counter[str]
     async def judge_listings(stream: faust.StreamT) -> None:
         async for ev in stream.events():
             try:
-                event = codec.decode(ev.value)
+                event = await decode_event(gate, codec, ev.value)
             except OpalError as e:
                 await send_dead_letter(dead_letters, dl_codec, t.aspects, ev, e, counts)
                 continue

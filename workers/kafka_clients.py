@@ -10,18 +10,54 @@
 - ``partition.assignment.strategy=range,roundrobin`` (eager): cooperative-sticky
   stalls on tansu. Production Kafka may switch to cooperative via
   ``OPAL_KAFKA_OVERRIDES``.
+- librdkafka's own log lines (``%3|...|FAIL|...| Connect to ... failed``) go to Python
+  logging, logger ``opal.librdkafka`` (:func:`librdkafka_logger`), never straight to
+  stderr: every client made here (and :func:`make_admin`) sets the ``logger`` property.
+  They are delivered when the client is served (``poll``, ``flush``, ``consume``; a
+  client nobody polls any more prints nothing) on the thread that serves it. Levels:
+  confluent-kafka's mapping of syslog levels, except that ``LOG_ERR`` lines (a broker
+  connection failing, which librdkafka retries by itself; errors that matter reach the
+  code through delivery reports, ``error_cb`` and exceptions) are logged at WARNING.
+  Without a logging configuration nothing is printed (the logger has a NullHandler).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from schemas.settings import KafkaSettings
+
+LIBRDKAFKA_LOGGER = "opal.librdkafka"
+
+
+class _ErrorsAsWarnings(logging.Filter):
+    """librdkafka's LOG_ERR lines are transient connection trouble it retries itself: WARNING, not ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR:
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        return True
+
+
+def librdkafka_logger() -> logging.Logger:
+    """The logger librdkafka's log lines go to (module docstring); pass it as a client's ``logger`` property."""
+    log = logging.getLogger(LIBRDKAFKA_LOGGER)
+    if not any(isinstance(f, _ErrorsAsWarnings) for f in log.filters):
+        log.addFilter(_ErrorsAsWarnings())
+        log.addHandler(logging.NullHandler())  # no logging configured: silent, not Python's last-resort stderr
+    return log
+
+
+def make_admin(kafka: KafkaSettings, **extra: Any) -> AdminClient:
+    """An admin client for ``kafka`` (e.g. for :func:`topology.admin.apply_topology`), logging through Python."""
+    return AdminClient(kafka.librdkafka_config(**{"logger": librdkafka_logger(), **extra}))
 
 
 def make_producer(kafka: KafkaSettings, **extra: Any) -> Producer:
@@ -31,6 +67,7 @@ def make_producer(kafka: KafkaSettings, **extra: Any) -> Producer:
             "acks": "all",
             "linger.ms": 20,
             "compression.type": "none",
+            "logger": librdkafka_logger(),
             **extra,
         }
     )
@@ -51,6 +88,7 @@ def make_consumer(kafka: KafkaSettings, group_id: str, **extra: Any) -> Consumer
             # bound librdkafka's prefetch queue: with paused partitions this caps worker memory under any backlog
             "queued.max.messages.kbytes": 8192,
             "queued.min.messages": 1000,
+            "logger": librdkafka_logger(),
             **extra,
         }
     )

@@ -12,6 +12,8 @@ Contract
   twice in a shard; readers dedupe by pair id (``training.dpo`` does). Nothing is lost:
   faust commits the offset only after both.
 - Records that are not a PreferencePair become DeadLetters with their reason.
+  Decoding never blocks the loop; a schema registry outage is waited out, never a dead
+  letter (:func:`workers.faust_app.decode_event`).
 - A Redis error reply about a pair (not an outage) dead-letters that pair (``internal_error``).
 - Redis down: the agent waits on the pair it holds (:func:`workers.faust_app.gate_for`)
   and faust stops fetching; it goes on where it was when Redis answers. Never a dead letter.
@@ -35,7 +37,7 @@ from schemas.settings import OpalSettings
 from topology.declared import PREFERENCE_GROUP
 from workers.circuit import redis_outage
 from workers.dependency_gate import dependency_failure
-from workers.faust_app import gate_for, make_faust_app, raw_topic, send_dead_letter
+from workers.faust_app import decode_event, gate_for, make_faust_app, raw_topic, send_dead_letter
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -74,7 +76,7 @@ def build_preference_app(settings: OpalSettings, out_dir: Path, counts: Counter[
     async def build_shards(stream: faust.StreamT) -> None:
         async for ev in stream.events():
             try:
-                pair = codec.decode(ev.value)
+                pair = await decode_event(gate, codec, ev.value)
             except OpalError as e:
                 await send_dead_letter(dead_letters, dl_codec, t.preferences, ev, e, counts)
                 continue

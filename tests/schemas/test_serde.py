@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import itertools
 import json
-import struct
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from fastavro.schema import fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.errors import DecodeError, InvalidEventError, OpalError, SchemaRegistryError, UnknownSchemaError
+from schemas.errors import DecodeError, InvalidEventError, OpalError, UnknownSchemaError
 from schemas.events import (
     AspectEvent,
     AspectLabel,
@@ -36,9 +33,7 @@ from schemas.events import (
 )
 from schemas.serde import (
     AVRO_ROOT,
-    ConfluentFraming,
     EventCodec,
-    SchemaRegistryClient,
     SchemaStore,
     SingleObjectFraming,
     default_store,
@@ -277,65 +272,12 @@ def test_shipped_history_follows_the_evolution_rules() -> None:
                 fastavro.schemaless_reader(io.BytesIO(written[w.version]), w.parsed, r.parsed)
 
 
-# -- Confluent wire format against a minimal HTTP registry --------------------------------
-class _Registry(BaseHTTPRequestHandler):
-    schemas: ClassVar[dict[int, str]] = {}
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        for sid, s in self.schemas.items():
-            if s == body["schema"]:
-                return self._send(200, {"id": sid})
-        sid = 100 + len(self.schemas)
-        self.schemas[sid] = body["schema"]
-        self._send(200, {"id": sid})
-
-    def do_GET(self) -> None:
-        sid = int(self.path.rsplit("/", 1)[1])
-        if sid not in self.schemas:
-            return self._send(404, {"error_code": 40403, "message": "Schema not found"})
-        self._send(200, {"schema": self.schemas[sid]})
-
-
-@pytest.fixture
-def registry_url() -> Iterator[str]:
-    _Registry.schemas = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_confluent_wire_format(registry_url: str) -> None:
-    writer = EventCodec(AspectEvent, framing=ConfluentFraming(SchemaRegistryClient(registry_url)))
-    data = writer.encode(samples()[1])
-    assert data[0] == 0 and struct.unpack(">I", data[1:5])[0] == 100
-    reader = EventCodec(AspectEvent, framing=ConfluentFraming(SchemaRegistryClient(registry_url)))  # fresh caches
-    assert reader.decode(data) == samples()[1]
-    with pytest.raises(UnknownSchemaError):
-        reader.decode(b"\x00" + struct.pack(">I", 7) + data[5:])
-    with pytest.raises(DecodeError, match="magic"):
-        reader.decode(b"\xc3\x01" + data)
-
-
-def test_registry_unreachable_is_retriable() -> None:
-    codec = EventCodec(AspectEvent, framing=ConfluentFraming(SchemaRegistryClient("http://127.0.0.1:9", timeout_s=1)))
-    with pytest.raises(SchemaRegistryError) as ei:
-        codec.encode(samples()[1])
-    assert ei.value.retriable
-
-
 def test_single_object_framing_is_the_default() -> None:
     assert isinstance(EventCodec(DeadLetter).framing, SingleObjectFraming)
+
+
+def test_warm_is_a_no_op_for_single_object_framing() -> None:
+    codec = EventCodec(AspectEvent)
+    data = codec.encode(samples()[1])
+    asyncio.run(codec.warm([data, None, b"junk"]))
+    assert codec.decode(data) == samples()[1]
