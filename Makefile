@@ -37,13 +37,19 @@ MODEL_STAMP  := $(MODEL)/.opal-installed-$(MODEL_EXTRA)
 TOOLS        := .tools
 TOOLS_STAMP  := $(TOOLS)/.opal-installed
 
-.PHONY: demo test install install-stream install-model install-deploy-tools lint format clean dev-up dev-down demo-model ablation schemas-abo
+.PHONY: demo test test-fast install install-stream install-model install-deploy-tools lint format clean dev-up dev-down demo-model ablation schemas-abo
 
 demo: install
 	$(STREAM)/bin/opal demo
 
 test: install install-deploy-tools
 	bash .ci/pytest.sh
+
+# The unit tests: no broker, Redis, vLLM or model environment started (tests marked server, vllm or model_env are
+# left out; tests/conftest.py marks every test that uses a server fixture). A few minutes at most, stream env only.
+test-fast: install-stream
+	$(STREAM)/bin/python -m pytest -n 2 -m "not server and not vllm and not model_env" -q
+	$(STREAM)/bin/ruff check .
 
 # The trained tiny model `make demo` serves (models/opal-tiny-abo, ~2 MB, in git): rebuild it from the ABO data
 # (~5 min of training and ~10 min of evaluation on 2 cores), then rewrite its card with the measured numbers.

@@ -24,11 +24,38 @@ from opal.embedded import EmbeddedStack, ManagedProcess
 from schemas.settings import EmbeddedSettings, OpalSettings, TopicSettings
 from tests.support import REPO, opal_bin
 
+SERVER_FIXTURES = frozenset({"stack", "settings", "wsettings", "vllm_server", "vllm_url", "tiny_model", "cli_env"})
+"""Fixtures that start (or need) a broker, Redis, vLLM or an `opal` subprocess: their tests carry the server marker."""
+
+SLOW_FIRST = (
+    "tests/opal/test_cli.py::test_demo_runs_end_to_end_then_closes_the_loop",
+    "tests/opal/test_loop.py::",
+    "tests/training/test_sft.py::",
+    "tests/bench/test_chaos.py::",
+    "tests/inference/test_client_vllm.py::",
+    "tests/training/test_dpo.py::",
+)
+"""Started first under pytest-xdist (the longest runs, in this order), so that none of them starts last."""
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     unmarked = [i.nodeid for i in items if "vllm_server" in getattr(i, "fixturenames", ()) and i.get_closest_marker("vllm") is None]
     if unmarked:
         raise pytest.UsageError(f"tests using the vLLM server need the vllm marker: {unmarked}")
+    # `make test` runs the suite on pytest-xdist workers (--dist loadgroup): every test of the session's vLLM server
+    # is one group, run by one worker, so the suite starts one server and not one per worker
+    # `make test-fast` leaves out every test that starts a server: those using a server fixture are marked here
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "vllm_server" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("vllm-server"))
+        if fixtures & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

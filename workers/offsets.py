@@ -44,7 +44,10 @@ class OffsetTracker:
         self.partitions: dict[tuple[str, int], PartitionOffsets] = {}
 
     def add(self, topic: str, partition: int, offset: int) -> None:
-        self.partitions.setdefault((topic, partition), PartitionOffsets()).add(offset)
+        p = self.partitions.get((topic, partition))
+        if p is None:  # not setdefault: that builds a PartitionOffsets per call (once per record on the hot path)
+            p = self.partitions[(topic, partition)] = PartitionOffsets()
+        p.add(offset)
 
     def finish(self, topic: str, partition: int, offset: int) -> int | None:
         p = self.partitions.get((topic, partition))
