@@ -85,7 +85,9 @@ def _report(gate: DependencyGate, e: Exception) -> None:
 
 
 class Decode:
-    """The ListingImageEvent, checked against the schema set (an unknown category needs the generic fallback)."""
+    """The ListingImageEvent, checked against the schema set (an unknown category needs the generic fallback). Writer
+    schemas a registry holds are fetched for the whole list first (:meth:`schemas.serde.EventCodec.warm`), so decoding
+    never blocks the event loop; a registry that fails is a retriable failure of the record."""
 
     name, detached = "decode", False
 
@@ -96,6 +98,7 @@ class Decode:
         return record.event is None
 
     async def run(self, records: list[Record]) -> Failures:
+        await self.codec.warm([r.msg.value() for r in records])  # writer schemas from a registry, without blocking the loop
         failures: Failures = []
         categories = self.categories()
         for r in records:
