@@ -2,7 +2,7 @@
 
 :func:`vllm_argv` renders the server flags from :class:`~schemas.settings.VllmSettings`
 (the same settings render the GPU flag set for production manifests);
-:func:`start_vllm` runs it as a :class:`~opal.embedded.ManagedProcess` (log file,
+:func:`start_vllm` runs it as a :class:`~opal.processes.ManagedProcess` (log file,
 no orphans, idempotent stop) and returns once ``/health`` answers.
 
 The model is served as ``<name>@<version>`` from the folder's ``opal_model.json``, so
@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 from opal.cpu_affinity import colocate_engine_core
-from opal.embedded import ManagedProcess, ServiceStartError, free_port, pid_alive
+from opal.process_tree import pid_alive
+from opal.processes import ManagedProcess, ServiceStartError, free_port
 from schemas.settings import VllmSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def scratch_dir(run_dir: Path, temp_root: Path | None = None) -> Path:
     Under ``run_dir`` when that path is short enough, else under ``temp_root`` (the system temp folder; ``/tmp``
     when that too is long): vLLM binds zmq IPC sockets there, and unix socket paths must stay under 107 bytes.
     Each call makes a folder of its own (mode 0700), so two servers in one run dir never share sockets;
-    :func:`start_vllm` hands it to the server's :class:`~opal.embedded.ManagedProcess`, whose ``stop`` removes
+    :func:`start_vllm` hands it to the server's :class:`~opal.processes.ManagedProcess`, whose ``stop`` removes
     it. Folders beside it whose server is gone without a stop (SIGKILLed callers) are removed here."""
     import tempfile
 
@@ -254,7 +255,7 @@ def start_vllm(
     The returned process's ``stop()`` ends the API server and every process it started
     (engine core, workers, resource tracker), SIGKILLing what ignores SIGTERM, and
     waits for the port. With ``attached`` (the default) they all die with the calling
-    process even when it is SIGKILLed (see :mod:`opal.embedded`). If start-up fails or
+    process even when it is SIGKILLed (see :mod:`opal.lifeline`). If start-up fails or
     is interrupted the server is stopped (grace ``stop_grace_s``) before the error
     propagates. Not idempotent: each call starts a new server. The server's temp folder (:func:`scratch_dir`) is
     removed by ``stop()``; one left by a SIGKILLed caller is removed by the next start that uses the same parent.

@@ -182,7 +182,7 @@ def children(pid: int) -> list[int]:
 
 
 def listening(port: int) -> bool:
-    from opal.embedded import _listening
+    from opal.process_tree import listening as _listening
 
     return _listening(port)
 

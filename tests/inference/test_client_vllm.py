@@ -23,7 +23,8 @@ import pytest
 from inference.client import InferenceUnavailableError, ListingClient
 from inference.images import ImageRejectedError
 from opal.cpu_affinity import descendants, process_name
-from opal.embedded import ManagedProcess, _group_members
+from opal.embedded import ManagedProcess
+from opal.process_tree import group_members as _group_members
 from opal.samples import load_samples
 from opal.vllm_server import scratch_dir
 from schemas.category import default_categories
@@ -137,7 +138,7 @@ def test_sigkilled_serve_under_load_takes_every_vllm_process_and_the_port_with_i
     in flight. The API server (PDEATHSIG SIGKILL), its engine core, worker and resource
     tracker (reaper sweep: they are not its children and setproctitle hides their
     environment) must all be gone within seconds, and the port free."""
-    from opal.embedded import _listening
+    from opal.process_tree import listening as _listening
 
     temp = Path(tempfile.mkdtemp(prefix="opal-t"))
     serve, url = _start_serve(tiny_model, tmp_path, temp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from opal.embedded import KILL_WAIT_S, EmbeddedStack, ManagedProcess, read_state
+from opal.lifeline import REAPER_LOG_ENV
 from schemas.settings import EmbeddedSettings, KafkaSettings, OpalSettings
 from tests.support import REPO, alive, children, listening, opal_bin, stubborn_service, wait_dead, wait_for
 
@@ -106,6 +109,21 @@ def test_dev_up_status_down(cli_env: dict[str, str]) -> None:
     assert read_state(run_dir) is None
 
 
+def _poll_until(c: Consumer, n: int, what: str, timeout_s: float = 30) -> list[bytes]:
+    """Poll ``c`` until it delivered ``n`` values (returned in arrival order); AssertionError naming ``what`` after
+    ``timeout_s``."""
+    got: list[bytes] = []
+
+    def more() -> bool:
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            got.append(m.value())
+        return len(got) >= n
+
+    wait_for(more, timeout_s, what, interval_s=0)  # poll() itself waits for records
+    return got
+
+
 def test_s3_storage_survives_a_broker_kill(tmp_path: Path) -> None:
     """Durable option: tansu on a local moto S3 keeps topics and records across kill -9."""
     from opal.embedded import start_moto, start_tansu
@@ -126,13 +144,10 @@ def test_s3_storage_survives_a_broker_kill(tmp_path: Path) -> None:
         try:
             c = Consumer({"bootstrap.servers": bootstrap2, "group.id": "g", "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
             c.subscribe(["durable"])
-            got: list[bytes] = []
-            deadline = time.monotonic() + 30
-            while len(got) < 5 and time.monotonic() < deadline:
-                m = c.poll(0.5)
-                if m is not None and not m.error():
-                    got.append(m.value())
-            c.close()
+            try:
+                got = _poll_until(c, 5, "the 5 records back from the restarted broker")
+            finally:
+                c.close()
             assert sorted(got) == [f"v{i}".encode() for i in range(5)]
         finally:
             broker2.stop()
@@ -203,31 +218,58 @@ time.sleep(600)
 def test_sigkilled_parent_takes_the_whole_tree_with_it(tmp_path: Path) -> None:
     """Parent SIGKILLed: the SIGTERM-ignoring server (PDEATHSIG SIGKILL) and its helper in
     another session, without our tag (reaper sweep) die within seconds; the port is freed."""
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    reaper_log = tmp_path / "reaper.log"
+    env = {**os.environ, REAPER_LOG_ENV: str(reaper_log)}
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     assert owner.stdout is not None
     server, helper, port = map(int, owner.stdout.readline().split())
-    reapers = [p for p in children(owner.pid) if Path(f"/proc/{p}/comm").read_text().strip() == "opal-reaper"]
+    reapers = [p for p in children(owner.pid) if psutil.Process(p).name() == "opal-reaper"]
     assert len(reapers) == 1
-    time.sleep(1.0)  # the reaper records the tree twice a second
+
+    def recorded() -> bool:  # the reaper logs "recorded [pids]" each time it records new processes (twice a second)
+        lines = reaper_log.read_text().splitlines() if reaper_log.exists() else []
+        sets = [{int(p) for p in re.findall(r"\d+", line.split(": recorded ", 1)[1])} for line in lines if ": recorded " in line]
+        return any({server, helper} <= pids for pids in sets)
+
+    wait_for(recorded, 10, "the reaper to record the server and its helper")
     owner.kill()
     owner.wait()
     assert wait_dead([server, helper, *reapers], timeout_s=5) == [], "processes outlived a SIGKILLed parent"
     assert not listening(port)
 
 
+# Answers SIGUSR1 with a line "pong" in its log: proof that it still runs its own code.
+_PONG = """
+import signal, time
+signal.signal(signal.SIGUSR1, lambda *_: print("pong", flush=True))
+print("ready", flush=True)
+while True:
+    time.sleep(600)
+"""
+
+
 def test_service_started_from_a_short_lived_thread_outlives_the_thread(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG fires when the forking THREAD exits; start() must not tie the child to it."""
+    log = tmp_path / "pong.log"
     box: list[ManagedProcess] = []
-    t = threading.Thread(target=lambda: box.append(stubborn_service(tmp_path)[0]))
+    t = threading.Thread(target=lambda: box.append(ManagedProcess("pong", [sys.executable, "-c", _PONG], log).start()))
     t.start()
     t.join()
     mp = box[0]
-    # PDEATHSIG fires when the OS thread is gone, which join() does not wait for: wait for that, then give a SIGKILL
-    # half a second to land (an absence can only be watched for a while)
-    wait_for(lambda: not Path(f"/proc/self/task/{t.native_id}").exists(), 10, "the starting thread to exit")
-    time.sleep(0.5)
+    assert mp.pid is not None
+
+    def said(word: str) -> bool:
+        return word in log.read_text().splitlines()
+
     try:
-        assert mp.alive(), "the service died with the thread that started it"
+        wait_for(lambda: said("ready"), 10, "the service to start")
+        # The kernel sends PDEATHSIG while the thread exits, before the thread leaves the task list (which join()
+        # does not wait for); and a process sent SIGKILL never runs its own code again. So a service that answers
+        # a signal sent after the thread is gone was not tied to that thread.
+        wait_for(lambda: t.native_id not in {th.id for th in psutil.Process().threads()}, 10, "the starting thread to exit")
+        os.kill(mp.pid, signal.SIGUSR1)
+        wait_for(lambda: said("pong"), 10, "the service to answer after the thread that started it exited")
+        assert mp.alive()
     finally:
         mp.stop(timeout_s=0.5)
 
@@ -238,17 +280,13 @@ def _opal(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.Co
 
 
 def _read_all(bootstrap: str, topic: str, n: int) -> list[bytes]:
-    """Up to ``n`` values of partition 0 from the start (assigned, no group: no rebalance wait)."""
+    """``n`` values of partition 0 from the start, sorted (assigned, no group: no rebalance wait)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
     c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-    got: list[bytes] = []
-    deadline = time.monotonic() + 30
-    while len(got) < n and time.monotonic() < deadline:
-        m = c.poll(0.5)
-        if m is not None and not m.error():
-            got.append(m.value())
-    c.close()
-    return sorted(got)
+    try:
+        return sorted(_poll_until(c, n, f"{n} records of {topic}"))
+    finally:
+        c.close()
 
 
 def test_dev_restart_kafka_on_s3_keeps_address_and_records(cli_env: dict[str, str]) -> None:
