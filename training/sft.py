@@ -9,8 +9,8 @@ what the model learns is exactly what serving asks.
 Contract
 - The run's config is TRL's ``SFTConfig`` (:class:`training.trl_configs.SftRunConfig`): every
   TrainingArguments option reaches the trainer. Values the caller did not set come from a
-  recipe (:mod:`training.recipes`) the base model's card selects, or ``--recipe``
-  (:func:`training.trl_configs.parse_sft_args` / :func:`~training.trl_configs.with_recipe`).
+  recipe (:mod:`training.recipes`: a TRL config file) the base model's card selects, or
+  ``--recipe``, read by TRL's parser (:func:`training.trl_configs.parse_sft_args`).
 - :func:`run_sft` trains, then writes a folder vLLM serves as is: weights, processor
   (with ``preprocessor_config.json``), ``opal_model.json`` (name, a version derived from
   the weights, the base model's version, steps, items, ``sft_recipe`` and ``sft_settings``:
@@ -219,14 +219,10 @@ def run_sft(
 ) -> SftResult:
     """Train and write the model folder (see the module contract); ``ValueError`` for unusable inputs or a refused resume.
 
-    ``config`` is normally the output of :func:`training.trl_configs.parse_sft_args` (recipe applied; ``overridden``
-    names the recipe fields set by options); a config without a recipe gets the base's (:func:`with_recipe`).
+    ``config`` comes from :func:`training.trl_configs.parse_sft_args` (its recipe applied; ``overridden`` names the
+    recipe fields set by options); a config naming no known recipe is refused (``ValueError``).
     """
-    from training.trl_configs import with_recipe
-
     rep = reporter or Reporter()
-    if config.recipe is None:
-        config, _, overridden = with_recipe(config)
     recipe = config.effective_recipe()
     base_model, output_dir, data = Path(str(config.base_model)), Path(str(config.output_dir)), Path(str(config.data))
     if not (base_model / "config.json").is_file():

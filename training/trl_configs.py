@@ -7,51 +7,39 @@ an option of ``opal train sft`` / ``opal train dpo``, parsed by TRL's own parser
 ``--flag`` / ``--flag false`` / ``--no_flag``, and ``--config run.yaml``). OPAL adds the
 fields an OPAL run needs (base model, data, MACE/LACU choices, the vision stage, the prompt
 style) and a few short aliases (``--base``, ``--out``, ``--lr``, ``--epochs``,
-``--batch-size``, ``--grad-accumulation``, ``--cpu``).
+``--batch-size``, ``--grad-accumulation``, ``--cpu``). ``opal train sft --help`` prints every
+option with its help.
 
-SFT recipes (:mod:`training.recipes`) stay the defaults a base model chooses: after
-parsing, every recipe value the command line (or YAML) did not set explicitly is taken
-from the recipe; :func:`parse_sft_args` returns which were set explicitly, for the table
-and the model card. ``opal train sft --help`` prints every option with its help.
+Contract of :func:`parse_sft_args`
+- The base model's card chooses a recipe (:func:`training.recipes.choose_recipe`; ``--recipe``
+  forces one): a TRL config file that TRL's parser reads as ``--config``, so options on the
+  command line > the config file > the dataclass defaults, TRL's precedence and nothing of
+  OPAL's. A ``--config FILE`` of the caller's own is laid over the recipe (its keys win over
+  the recipe's, the options over both) and the two go to the parser as one file.
+- Which recipe values an option (or the caller's file) set is found with public API only:
+  TRL's ``set_defaults_with_config`` puts a marker into every default and argparse's
+  ``parse_known_args`` leaves it where nothing was given. Those values are marked ``option``
+  in the table and the model card (:func:`training.recipes.recipe_rows`).
+- ``--deepspeed`` takes a path, the bare name of a config in ``training/configs/`` or ``none``
+  (:func:`training.recipes.deepspeed_config`, applied by both configs before transformers
+  loads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from trl import DPOConfig, SFTConfig, TrlParser
 
 from inference.prompt import PROMPT_STYLES
-from training.recipes import RECIPES, SftRecipe, choose_recipe
-
-# SftRecipe field -> SftRunConfig (TrainingArguments/SFTConfig) field
-RECIPE_FIELDS: dict[str, str] = {
-    "learning_rate": "learning_rate",
-    "lr_scheduler": "lr_scheduler_type",
-    "warmup": "warmup_steps",
-    "batch_size": "per_device_train_batch_size",
-    "grad_accumulation": "gradient_accumulation_steps",
-    "epochs": "num_train_epochs",
-    "max_steps": "max_steps",
-    "step_cap": "step_cap",
-    "max_length": "max_length",
-    "bf16": "bf16",
-    "use_cpu": "use_cpu",
-    "gradient_checkpointing": "gradient_checkpointing",
-    "deepspeed": "deepspeed",
-    "freeze_vision": "freeze_vision",
-    "vision_stage_steps": "vision_stage_steps",
-    "prompt_style": "prompt_style",
-    "save_steps": "save_steps",
-    "save_total_limit": "save_total_limit",
-    "logging_steps": "logging_steps",
-    "seed": "seed",
-}
+from training.recipes import RECIPES, SftRecipe, choose_recipe, config_key, deepspeed_config, recipe_file, training_fields
 
 
 def _help(text: str, *aliases: str) -> dict[str, Any]:
@@ -88,17 +76,18 @@ class SftRunConfig(SFTConfig):
         default="none", metadata=_help("Experiment trackers (none: the card keeps the log).")
     )
 
-    def recipe_values(self) -> dict[str, Any]:
-        """The recipe's fields (:class:`SftRecipe` names) with this run's values (enums as their plain values)."""
-        values = {name: getattr(self, attr) for name, attr in RECIPE_FIELDS.items()}
-        return {k: v.value if isinstance(v, Enum) else v for k, v in values.items()}
+    def __post_init__(self) -> None:
+        self.deepspeed = deepspeed_config(self.deepspeed)  # a shipped config's bare name, or none, before it is loaded
+        super().__post_init__()
 
     def effective_recipe(self) -> SftRecipe:
-        """The recipe named by :attr:`recipe` with this run's values (what the card records)."""
-        base = RECIPES[self.recipe] if self.recipe in RECIPES else RECIPES["tiny-cpu"]
-        values = self.recipe_values()
-        values["deepspeed"] = Path(values["deepspeed"]) if values["deepspeed"] else None
-        return dataclasses.replace(base, **values)
+        """The recipe named by :attr:`recipe` with this run's values (what the table shows and the card records);
+        ``ValueError`` when the config names no known recipe (it did not come from :func:`parse_sft_args`)."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"the SFT config names no known recipe ({self.recipe!r}): build it with parse_sft_args")
+        base = RECIPES[self.recipe]
+        values = {config_key(f): getattr(self, config_key(f)) for f in training_fields()}
+        return SftRecipe.from_config(base.name, base.summary, values)
 
 
 @dataclass
@@ -127,75 +116,86 @@ class DpoRunConfig(DPOConfig):
         default="none", metadata=_help("Experiment trackers.")
     )
 
-
-def _explicit(parser: TrlParser, argv: Sequence[str]) -> set[str]:
-    """Destinations set on the command line (``--name``, ``--name=value``, aliases, ``--no_name``)."""
-    actions = parser._option_string_actions
-    given = set()
-    for token in argv:
-        if token.startswith("--"):
-            action = actions.get(token.split("=", 1)[0])
-            if action is not None:
-                given.add(action.dest)
-    return given
+    def __post_init__(self) -> None:
+        self.deepspeed = deepspeed_config(self.deepspeed)  # as in SftRunConfig
+        super().__post_init__()
 
 
-def _yaml_keys(argv: Sequence[str]) -> set[str]:
+class _Unset:
+    """The marker default of :func:`_given`: no option's value is this."""
+
+
+_UNSET = _Unset()
+
+
+def _sft_parser() -> TrlParser:
+    return TrlParser((SftRunConfig,), prog="opal train sft", allow_abbrev=False)
+
+
+def _given(argv: Sequence[str]) -> dict[str, Any]:
+    """Field -> value of every option given in ``argv`` (``--config`` removed): a parser whose defaults are all a marker
+    (TRL's public ``set_defaults_with_config``) parses ``argv`` into a namespace (argparse's ``parse_known_args``;
+    no dataclass is built); the fields still holding the marker were not given."""
+    parser = _sft_parser()
+    parser.set_defaults_with_config(**{f.name: _UNSET for f in dataclasses.fields(SftRunConfig) if f.init})
+    namespace, _ = parser.parse_known_args(list(argv))
+    return {k: v for k, v in vars(namespace).items() if v is not _UNSET}
+
+
+def _pop_config(argv: list[str]) -> dict[str, Any]:
+    """Remove ``--config FILE`` from ``argv`` (as TRL's parser does) and return the file's mapping ({} without one)."""
     if "--config" not in argv:
-        return set()
-    import yaml
-
-    path = argv[list(argv).index("--config") + 1]
+        return {}
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise ValueError("--config needs a YAML file")
+    path = argv.pop(i + 1)
+    del argv[i]
     with open(path) as f:
         doc = yaml.safe_load(f)
-    return set(doc) if isinstance(doc, dict) else set()
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: a --config file is a YAML mapping")
+    return doc
 
 
-def with_recipe(config: SftRunConfig, explicit: set[str] | None = None) -> tuple[SftRunConfig, str, frozenset[str]]:
-    """(config with the recipe's values where not ``explicit``, why the recipe was chosen, recipe fields set explicitly).
+@contextmanager
+def _config_file(recipe: SftRecipe, own: dict[str, Any]) -> Iterator[Path]:
+    """The file TRL's parser reads as ``--config``: the recipe's, or a copy with the caller's ``own`` keys laid over it."""
+    if not own:
+        yield recipe_file(recipe.name)
+        return
+    with tempfile.TemporaryDirectory(prefix="opal-sft-config-") as d:
+        path = Path(d) / "config.yaml"
+        path.write_text(yaml.safe_dump({**recipe.config(), **own}, sort_keys=False))
+        yield path
 
-    ``explicit`` None (programmatic use): a field counts as explicit when it differs from the class default.
-    Raises ``ValueError`` for a missing base model or data, or an unknown recipe or prompt style.
+
+def parse_sft_args(argv: Sequence[str]) -> tuple[SftRunConfig, str, frozenset[str]]:
+    """(config, why its recipe was chosen, the recipe fields an option set) for ``opal train sft`` arguments, parsed by
+    TRL's parser over the recipe's file (see the module contract). ``--help`` prints every option and exits.
+
+    ``ValueError`` for a missing --base, --data or --out, an unknown recipe or prompt style, or a GPU recipe on a
+    machine without one.
     """
-    if not config.base_model or not config.data or not config.output_dir:
+    argv = list(argv)
+    if "--help" in argv or "-h" in argv:
+        _sft_parser().parse_args_and_config(args=argv)  # prints the help and exits
+    own = _pop_config(argv)
+    given = {**own, **_given(argv)}
+    if not given.get("base_model") or not given.get("data") or not given.get("output_dir"):
         raise ValueError("opal train sft needs --base, --data and --out (see --help)")
-    if explicit is None:
-        defaults = {f.name: f.default for f in dataclasses.fields(SftRunConfig)}
-        explicit = {attr for attr in RECIPE_FIELDS.values() if getattr(config, attr) != defaults.get(attr)}
-    recipe, why = choose_recipe(Path(config.base_model), config.recipe)
-    take = {attr: getattr(recipe, name) for name, attr in RECIPE_FIELDS.items() if attr not in explicit}
-    if "deepspeed" in take:
-        take["deepspeed"] = str(take["deepspeed"]) if take["deepspeed"] else None
-    use_cpu = take.get("use_cpu", config.use_cpu)
-    if not use_cpu:
+    recipe, why = choose_recipe(Path(str(given["base_model"])), given.get("recipe"))
+    if not given.get("use_cpu", recipe.use_cpu):
         import torch
 
         if not torch.cuda.is_available():
             raise ValueError(f"recipe {recipe.name} trains on GPUs and none is visible: add --cpu (and --bf16 false: fp32) to run it here")
-    resolved = dataclasses.replace(config, recipe=recipe.name, **take)
-    if resolved.prompt_style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {resolved.prompt_style!r}; known: {', '.join(PROMPT_STYLES)}")
-    overridden = frozenset(name for name, attr in RECIPE_FIELDS.items() if attr in explicit)
-    return resolved, why, overridden
-
-
-def parse_sft_args(argv: Sequence[str]) -> tuple[SftRunConfig, str, frozenset[str]]:
-    """Parse ``opal train sft`` arguments with TRL's parser and fill the rest from the recipe (:func:`with_recipe`).
-    ``--help`` prints every option and exits."""
-    argv = list(argv)
-    no_deepspeed = _drop_deepspeed_none(argv)  # `--deepspeed none`: switch the recipe's DeepSpeed off
-    parser = TrlParser((SftRunConfig,), prog="opal train sft", allow_abbrev=False)  # exact names: _explicit matches them
-    (config,) = parser.parse_args_and_config(args=argv)
-    return with_recipe(config, _explicit(parser, argv) | _yaml_keys(argv) | ({"deepspeed"} if no_deepspeed else set()))
-
-
-def _drop_deepspeed_none(argv: list[str]) -> bool:
-    """Remove ``--deepspeed none`` / ``--deepspeed=none`` from ``argv`` (TrainingArguments would try to load it)."""
-    for i, token in enumerate(argv):
-        if token.lower() == "--deepspeed=none" or (token == "--deepspeed" and i + 1 < len(argv) and argv[i + 1].lower() == "none"):
-            del argv[i : i + (1 if "=" in token else 2)]
-            return True
-    return False
+    with _config_file(recipe, own) as config:
+        (parsed,) = _sft_parser().parse_args_and_config(args=[*argv, "--config", str(config)])
+    if parsed.prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {parsed.prompt_style!r}; known: {', '.join(PROMPT_STYLES)}")
+    overridden = frozenset(f.name for f in training_fields() if config_key(f) in given)
+    return parsed, why, overridden
 
 
 def parse_dpo_args(argv: Sequence[str]) -> DpoRunConfig:

@@ -6,15 +6,14 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from opal.commands.common import console, exits_on, fail, require_kafka, resolved_settings, sigterm_as_interrupt
-
-if TYPE_CHECKING:  # the CLI also loads in the model environment, which has no Kafka client: import on use
-    from workers.backfill import BackfillReport, Checkpoint
+from workers.backfill import BackfillError, BackfillOptions, BackfillReport, Checkpoint, fingerprint, run_backfill
+from workers.inventory import InventoryError, detect_format, fetch_s3, is_s3
 
 
 def _state_prefix(state_dir: Path, inventory: str) -> Path:
@@ -92,9 +91,6 @@ def backfill(
     enrichment workers' backlog is above --max-lag. Killed at any point, the same command resumes from its
     checkpoint: no row is skipped, at most --window rows are sent again, each with its original event id.
     """
-    from workers.backfill import BackfillError, BackfillOptions, fingerprint, run_backfill
-    from workers.inventory import InventoryError, detect_format, fetch_s3, is_s3
-
     sigterm_as_interrupt()
     if window < 1 or max_lag < 1 or rate < 0 or not 0 <= (max_lag // 2 if resume_lag is None else resume_lag) < max_lag:
         raise fail("--window and --max-lag must be at least 1, --rate at least 0, and 0 <= --resume-lag < --max-lag.")

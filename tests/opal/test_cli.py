@@ -4,11 +4,14 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer.main
+from typer.testing import CliRunner
 
-from opal.cli import app
+from opal import __version__
+from opal.cli import COMMANDS, app
 from schemas.category import generic_schema
 from tests.support import REPO, opal_bin
 from training.registry import ModelRegistry
@@ -19,17 +22,42 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
 
 
 def test_help_lists_every_subcommand(cli_env: dict[str, str]) -> None:
-    group = typer.main.get_command(app)
-    assert hasattr(group, "commands")
+    group: Any = typer.main.get_command(app)
+    ctx = group.context_class(group)
     top = _run(["--help"], cli_env)
     assert top.returncode == 0
-    for name, cmd in group.commands.items():
+    for name in group.list_commands(ctx):
         assert name in top.stdout, name
-        if hasattr(cmd, "commands"):
+        cmd = group.get_command(ctx, name)
+        if hasattr(cmd, "list_commands"):
             sub = _run([name, "--help"], cli_env)
             assert sub.returncode == 0
-            for subname in cmd.commands:
+            for subname in cmd.list_commands(ctx):
                 assert subname in sub.stdout, f"{name} {subname}"
+
+
+TOP_LEVEL = ["settings", "demo", "search", "serve", "generate", "backfill"]
+GROUPS = ["dev", "topology", "schemas", "events", "model", "worker", "dlq", "eval", "data", "train", "experiment", "loop"]
+
+
+def test_the_command_table_names_every_command_with_its_own_help() -> None:
+    """opal/cli.py's table lists the commands `opal --help` shows (without importing them) in their order; each entry
+    loads a command of that name whose own help starts with the table's line, so the listing cannot drift."""
+    group: Any = typer.main.get_command(app)
+    ctx = group.context_class(group)
+    assert group.list_commands(ctx) == list(COMMANDS) == TOP_LEVEL + GROUPS
+    for name, entry in COMMANDS.items():
+        cmd = group.get_command(ctx, name)
+        assert cmd.name == name and hasattr(cmd, "list_commands") == (name in GROUPS), name
+        first = " ".join((cmd.help or "").split("\n\n")[0].split())
+        assert first == entry.help, (name, first, entry.help)
+
+
+def test_version_and_an_unknown_command() -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).stdout.strip() == f"opal {__version__}"
+    typo = runner.invoke(app, ["sttings"])
+    assert typo.exit_code == 2 and "Did you mean 'settings'" in typo.output, typo.output
 
 
 def test_settings_table_masks_secrets(cli_env: dict[str, str]) -> None:

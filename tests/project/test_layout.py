@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from opal.cli import COMMANDS
 from tests.support import REPO
 
 LAYERS = ("schemas", "inference", "topology", "workers", "training", "opal")
@@ -121,21 +122,74 @@ def test_tests_mirror_the_packages_and_import_no_test_module() -> None:
         assert not bad, f"tests/{rel} imports {bad}: shared helpers belong in tests/support.py"
 
 
-def test_the_cli_loads_in_both_environments() -> None:
-    """`opal` runs in the stream env and (for model commands) in the model env, which has no Kafka client, Redis,
-    faust, boto3 or pyarrow: command modules import layers that need them inside the command, not at module level."""
+# -- the CLI imports only the command it runs (opal/cli.py: COMMANDS) ------------------------------------
+# What only one environment has: command modules may import these at module level, so `opal <command>` in one
+# environment must never load a command module of the other side, nor `opal --help` any command module at all.
+STREAM_ONLY = {"confluent_kafka", "faust", "aiokafka", "mode", "redis", "boto3", "pyarrow"}
+MODEL_ONLY = {"torch", "vllm", "transformers", "trl", "deepspeed", "datasets", "peft", "accelerate"}
+MODEL_SIDE_COMMANDS = ("train", "model")  # re-run in .venv-model by opal.commands.common.in_model_env
+SHARED_COMMAND_MODULES = {"opal.commands", "opal.commands.common"}
+# Runs the CLI as the `opal` script does and writes sys.modules at exit (-X importtime does not see importlib's imports).
+LOADED = """
+import atexit, json, sys
+out, sys.argv = sys.argv[1], ["opal", *sys.argv[2:]]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+from opal.cli import main
+main()
+"""
+
+
+def _loaded_by(python: Path | str, args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[set[str], str]:
+    """(the modules `opal ARGS` has loaded when it exits, its stdout) in a fresh ``python``."""
+    import json
+    import subprocess
+
+    out = tmp_path / f"modules-{len(list(tmp_path.iterdir()))}.json"
+    r = subprocess.run([str(python), "-c", LOADED, str(out), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Usage: opal" in r.stdout, (args, r.stdout[-2000:], r.stderr[-2000:])
+    return set(json.loads(out.read_text())), r.stdout
+
+
+def _command_modules(loaded: set[str]) -> set[str]:
+    return {m for m in loaded if m.startswith("opal.commands.")} - SHARED_COMMAND_MODULES
+
+
+def _packages(loaded: set[str]) -> set[str]:
+    return {m.split(".")[0] for m in loaded}
+
+
+def test_opal_help_lists_every_command_and_imports_none(cli_env: dict[str, str], tmp_path: Path) -> None:
     import sys
 
-    stdlib = set(sys.stdlib_module_names)
-    allowed = stdlib | {"__future__", "typer", "rich", "opal", "schemas"} | SHARED_THIRD_PARTY
-    for f in [REPO / "opal" / "cli.py", *sorted((REPO / "opal" / "commands").glob("*.py"))]:
-        tree = ast.parse(f.read_text())
-        for node in tree.body:  # module level only (TYPE_CHECKING blocks are ast.If: not executed)
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            bad = [n for n in names if n.split(".")[0] not in allowed]
-            assert not bad, f"{f.relative_to(REPO)} imports {bad} at module level: import it inside the command"
+    loaded, stdout = _loaded_by(sys.executable, ["--help"], cli_env, tmp_path)
+    assert _command_modules(loaded) == set(), "opal --help imported command modules"
+    assert not _packages(loaded) & (STREAM_ONLY | MODEL_ONLY), sorted(_packages(loaded) & (STREAM_ONLY | MODEL_ONLY))
+    for name, entry in COMMANDS.items():
+        assert re.search(rf"^\W*{name}\s+{re.escape(entry.help[:40])}", stdout, re.M), name
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_a_command_imports_only_its_own_module(name: str, cli_env: dict[str, str], tmp_path: Path) -> None:
+    """`opal NAME --help` in the stream environment loads NAME's module (seen: the probe can tell) and no other command
+    module, nor any package only the model environment has."""
+    import sys
+
+    loaded, _ = _loaded_by(sys.executable, [name, "--help"], cli_env, tmp_path)
+    assert COMMANDS[name].module in loaded
+    assert _command_modules(loaded) == {COMMANDS[name].module}, sorted(_command_modules(loaded))
+    assert not _packages(loaded) & MODEL_ONLY, sorted(_packages(loaded) & MODEL_ONLY)
+
+
+@pytest.mark.model_env
+def test_the_model_environment_loads_no_stream_side_package(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """The commands in_model_env re-runs in .venv-model (and `opal --help` there) load no Kafka, faust or Redis client
+    and no other command module."""
+    from tests.support import MODEL_PY
+
+    for args in (["--help"], *([name, "--help"] for name in MODEL_SIDE_COMMANDS)):
+        loaded, _ = _loaded_by(MODEL_PY, args, cli_env, tmp_path)
+        assert not _packages(loaded) & STREAM_ONLY, (args, sorted(_packages(loaded) & STREAM_ONLY))
+        assert _command_modules(loaded) == ({COMMANDS[args[0]].module} if args[0] in COMMANDS else set()), args
 
 
 def test_a_full_disk_is_named_before_the_model_install_begins(tmp_path: Path) -> None:

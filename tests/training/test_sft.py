@@ -24,7 +24,7 @@ from opal.vllm_server import start_vllm
 from schemas.settings import VllmSettings
 from tests.support import MODEL_PY, REPO, RUN, compare, opal_bin, served_prompt_ids, trl_prompt_ids
 from training.progress import Reporter, eta_line, fmt_duration
-from training.recipes import PAPER_ZERO3, TINY_CPU, ZERO3, choose_recipe
+from training.recipes import CONFIGS, PAPER_ZERO3, RECIPES, TINY_CPU, ZERO3, choose_recipe, load_recipe, recipe_file
 
 # One short run with explicit overrides; the resume test repeats it with a stop in the middle.
 # The vision stage has its own test (test_vision_stage.py): the 40 samples are too few for its heads anyway.
@@ -241,6 +241,30 @@ def test_the_recipes_hold_the_measured_and_the_papers_numbers() -> None:
     assert p.planned_steps(100_000, world_size=8) == 781
     for r in (TINY_CPU, p):
         assert r.save_steps > 0 and r.save_total_limit == 2 and r.step_cap in (None, 2400)
+    assert TINY_CPU.summary.startswith("from-scratch tiny model on a 2-core CPU") and p.summary.startswith("the paper's SFT")
+
+
+def test_recipes_are_yaml_files_checked_when_read(tmp_path: Path) -> None:
+    """training/configs/<name>.yaml holds one config key per recipe field and `recipe: <name>`; its opening comment is
+    the summary. A copy reads back the same; a file with a wrong name, an unknown or missing key, a value of the wrong
+    type (PyYAML reads 1e-3 as a string) or no summary is refused, naming what is wrong."""
+    assert set(RECIPES) == {"tiny-cpu", "paper-zero3"} and recipe_file("tiny-cpu") == CONFIGS / "tiny-cpu.yaml"
+    text = recipe_file("tiny-cpu").read_text()
+    (tmp_path / "tiny-cpu.yaml").write_text(text)
+    assert load_recipe(tmp_path / "tiny-cpu.yaml") == TINY_CPU
+    assert TINY_CPU.config()["per_device_train_batch_size"] == 16 and PAPER_ZERO3.config()["deepspeed"] == str(ZERO3)
+    bad = {
+        "other-name": (text, "`recipe: other-name`"),
+        "unknown": (text + "adam_beta2: 0.9\n", "unknown keys ['adam_beta2']"),
+        "missing": (text.replace("seed: 0\n", ""), "missing keys ['seed']"),
+        "wrong-type": (text.replace("learning_rate: 1.0e-3", "learning_rate: 1e-3"), "learning_rate: '1e-3'"),
+        "no-summary": (text[text.index("recipe: tiny-cpu") :], "no opening comment"),
+    }
+    for name, (body, why) in bad.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(body.replace("recipe: tiny-cpu", f"recipe: {name}") if name != "other-name" else body)
+        with pytest.raises(ValueError, match=re.escape(why)):
+            load_recipe(path)
 
 
 PARSE = """
@@ -266,7 +290,8 @@ def _parse(*args: str) -> dict[str, object]:
 @pytest.mark.model_env
 def test_trl_parses_the_options_and_the_recipe_fills_the_rest(tiny_model: Path, tmp_path: Path) -> None:
     base = ["--base", str(tiny_model), "--data", str(SAMPLE_DIR), "--out", str(tmp_path / "o")]
-    got = _parse(*base, "--lr", "5e-4", "--max-steps", "16", "--deepspeed", str(ZERO3), "--adam_beta2", "0.95", "--optim", "adafactor")
+    # --deepspeed zero3.json: a bare name is the config shipped in training/configs/
+    got = _parse(*base, "--lr", "5e-4", "--max-steps", "16", "--deepspeed", "zero3.json", "--adam_beta2", "0.95", "--optim", "adafactor")
     assert got["recipe"] == "tiny-cpu" and got["overridden"] == ["deepspeed", "learning_rate", "max_steps"]
     rows = got["rows"]
     assert isinstance(rows, dict)
@@ -279,6 +304,32 @@ def test_trl_parses_the_options_and_the_recipe_fills_the_rest(tiny_model: Path, 
     assert off["overridden"] == ["deepspeed", "prompt_style"] and off["rows"]["deepspeed"] == ["-", "option"]  # type: ignore[index]
     assert "unknown prompt style" in str(_parse(*base, "--prompt_style", "short")["error"])
     assert "needs --base, --data and --out" in str(_parse("--base", str(tiny_model))["error"])
+    # a --config of one's own lies over the recipe, the command line over both (TRL's precedence); its keys count as options
+    own = tmp_path / "own.yaml"
+    own.write_text("per_device_train_batch_size: 4\nlearning_rate: 3.0e-4\nadam_beta2: 0.9\n")
+    mine = _parse(*base, "--config", str(own), "--lr", "5e-4")
+    assert mine["overridden"] == ["batch_size", "learning_rate"] and mine["adam_beta2"] == 0.9
+    assert mine["rows"]["learning_rate"] == ["0.0005", "option"] and mine["rows"]["batch_size"] == ["4", "option"]  # type: ignore[index]
+    assert mine["rows"]["epochs"] == ["4", "tiny-cpu"]  # type: ignore[index]
+
+
+TRL_ALONE = """
+import json, sys
+from trl import TrlParser
+from training.trl_configs import SftRunConfig
+(config,) = TrlParser((SftRunConfig,)).parse_args_and_config(args=sys.argv[1:])
+print(json.dumps({"recipe": config.recipe, "lr": config.learning_rate, "batch": config.per_device_train_batch_size,
+                  "cap": config.step_cap, "style": config.prompt_style, "max_length": config.max_length}))
+"""
+
+
+@pytest.mark.model_env
+def test_a_recipe_file_is_a_config_trls_own_parser_reads() -> None:
+    """No OPAL glue is needed to read a recipe: TRL's parser takes the file as --config, and its options win over it."""
+    r = subprocess.run([str(MODEL_PY), "-c", TRL_ALONE, "--config", str(recipe_file("tiny-cpu")), "--lr", "5e-4"], **RUN)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"recipe": "tiny-cpu", "lr": 5e-4, "batch": 16, "cap": 2400, "style": "compact", "max_length": None}
 
 
 def test_train_sft_has_no_toy_default_for_data(tmp_path: Path) -> None:
