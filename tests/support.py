@@ -212,8 +212,10 @@ def stubborn_service(tmp_path: Path, attached: bool = True) -> tuple[ManagedProc
     mp = ManagedProcess("stubborn", [sys.executable, "-c", STUBBORN, str(port)], log, attached=attached, port=port).start()
 
     def helper_pid() -> int | None:
-        words = log.read_text().split() if log.exists() else []
-        return int(words[-1]) if listening(port) and words and words[-1].isdigit() else None
+        # the pid is a line of its own: the log's "--- starting: ..." header ends in the port, also a number
+        lines = [line.strip() for line in log.read_text().splitlines()] if log.exists() else []
+        pids = [int(line) for line in lines if line.isdigit()]
+        return pids[-1] if listening(port) and pids else None
 
     helper = wait_for(helper_pid, 10, "the stubborn server to listen and print its helper's pid")
     assert mp.pid and alive(mp.pid) and alive(helper) and listening(port)
