@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Message
 
 from inference.images import PreparedImage
 from schemas.category import CategorySchema
-from schemas.events import AspectValue, Lane, ListingImageEvent, ModelInfo, SchemaCheck, Timings
+from schemas.events import Lane, ListingImageEvent
 from workers.image_loader import FetchedImage
 
 
 @dataclass(frozen=True)
 class Answer:
-    """A listing for a record's images: from the result cache (``cache_hit``) or a model request."""
+    """A listing for a record's images: from the result cache (``cache_hit``) or a model request. Plain data: the
+    AspectEvent validates it once, when the emit stage builds the event (a pydantic model per aspect here would
+    validate the same values twice on the hot path)."""
 
     title: str
-    aspects: list[AspectValue]
-    model: ModelInfo
-    check: SchemaCheck
+    aspects: list[tuple[str, str, float]]  # (name, value, confidence)
+    model: dict[str, str]  # ModelInfo's fields
+    check: dict[str, Any]  # SchemaCheck's fields
     cache_hit: bool
     queued_ms: float = 0.0
     inference_ms: float = 0.0
@@ -65,9 +68,10 @@ class Record:
         t, p, o = self.key
         return f"{t}[{p}]@{o}"
 
-    def timings(self, now: float) -> Timings:
+    def timings(self, now: float) -> dict[str, float]:
+        """Timings' fields (a cache hit has no model times)."""
         a = self.answer
         total_ms = (now - self.consumed_at) * 1000
         if a is None or a.cache_hit:
-            return Timings(image_ms=self.image_ms, total_ms=total_ms)
-        return Timings(queued_ms=a.queued_ms, image_ms=self.image_ms, inference_ms=a.inference_ms, total_ms=total_ms)
+            return {"image_ms": self.image_ms, "total_ms": total_ms}
+        return {"queued_ms": a.queued_ms, "image_ms": self.image_ms, "inference_ms": a.inference_ms, "total_ms": total_ms}

@@ -31,7 +31,7 @@ from inference.client import InferenceResult, InferenceUnavailableError, Listing
 from inference.images import PreparedImage
 from schemas.category import CategoryRegistry, CategorySchema
 from schemas.errors import OpalError
-from schemas.events import AspectEvent, AspectValue, ListingImageEvent, ModelInfo, SchemaCheck
+from schemas.events import AspectEvent, ListingImageEvent
 from schemas.serde import EventCodec
 from workers.dependency_gate import DependencyGate
 from workers.enrich.output import Outputs
@@ -45,6 +45,8 @@ MODEL = "model"
 """Dependency name of the model endpoints (see :attr:`schemas.errors.OpalError.dependency`)."""
 
 Failures = list[tuple[Record, Exception]]
+Flight = tuple[InferenceResult, list[tuple[str, str, float]]]
+"""A model request's result and its aspects with confidences, shared by every record of its single flight."""
 
 
 class Stage(Protocol):
@@ -172,14 +174,14 @@ def cached_answer(cached: CachedListing) -> Answer:
     """A cache entry as an answer: the stored listing and the schema check it got when it was generated."""
     return Answer(
         title=cached.title,
-        aspects=[AspectValue(name=n, value=v, confidence=c) for n, v, c in cached.aspects],
-        model=ModelInfo(name=cached.model_name, version=cached.model_version),
-        check=SchemaCheck(
-            valid=cached.valid,
-            unknown_keys=cached.unknown_keys,
-            invalid_values=cached.invalid_values,
-            missing_required=cached.missing_required,
-        ),
+        aspects=cached.aspects,
+        model={"name": cached.model_name, "version": cached.model_version},
+        check={
+            "valid": cached.valid,
+            "unknown_keys": cached.unknown_keys,
+            "invalid_values": cached.invalid_values,
+            "missing_required": cached.missing_required,
+        },
         cache_hit=True,
     )
 
@@ -228,9 +230,9 @@ class LookUp:
         return failures
 
 
-def _aspects(result: InferenceResult) -> list[AspectValue]:
+def _aspects(result: InferenceResult) -> list[tuple[str, str, float]]:
     conf = result.aspect_confidence
-    return [AspectValue(name=n, value=v, confidence=conf.get(n, 0.0)) for n, v in result.listing.aspects.items()]
+    return [(n, v, conf.get(n, 0.0)) for n, v in result.listing.aspects.items()]
 
 
 class Generate:
@@ -253,7 +255,7 @@ class Generate:
     ) -> None:
         self.client, self.loader, self.decoder, self.cache, self.gate = client, loader, decoder, cache, gate
         self.model_version, self.metrics, self.latencies = model_version, metrics, latencies
-        self._flights: dict[tuple[str, str, str], asyncio.Future[InferenceResult]] = {}
+        self._flights: dict[tuple[str, str, str], asyncio.Future[Flight]] = {}
 
     def needs(self, record: Record) -> bool:
         return record.answer is None
@@ -266,12 +268,12 @@ class Generate:
         t0 = time.perf_counter()
         images = await self.prepared(r)
         r.image_ms += (time.perf_counter() - t0) * 1000
-        result = await self._flight(images, r.schema, r.digest)
+        result, aspects = await self._flight(images, r.schema, r.digest)
         r.answer = Answer(
             title=result.listing.title,
-            aspects=_aspects(result),
-            model=result.model,
-            check=result.check,
+            aspects=aspects,
+            model={"name": result.model.name, "version": result.model.version},
+            check=result.check.model_dump(),
             cache_hit=False,
             queued_ms=result.queued_ms,
             inference_ms=result.inference_ms,
@@ -287,13 +289,13 @@ class Generate:
             r.fetched = [FetchedImage(b"", f.header) for f in r.fetched]
         return r.images
 
-    async def _flight(self, images: Sequence[PreparedImage], schema: CategorySchema, digest: str) -> InferenceResult:
+    async def _flight(self, images: Sequence[PreparedImage], schema: CategorySchema, digest: str) -> Flight:
         key = (self.model_version, schema.key, digest)
         shared = self._flights.get(key)
         if shared is not None:
             self.metrics.coalesced.inc()
             return await asyncio.shield(shared)
-        fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Flight] = asyncio.get_running_loop().create_future()
         self._flights[key] = fut
         self.metrics.model_requests.inc()
         try:
@@ -313,7 +315,7 @@ class Generate:
             self._flights.pop(key, None)
         return result
 
-    async def _request(self, images: list[PreparedImage], schema: CategorySchema, digest: str) -> InferenceResult:
+    async def _request(self, images: list[PreparedImage], schema: CategorySchema, digest: str) -> Flight:
         """One model request (the flight's owner): its outcome counted once at the gate; the result cached."""
         t1 = time.perf_counter()
         try:
@@ -325,10 +327,11 @@ class Generate:
         self.latencies.append(latency)
         self.metrics.model_latency.observe(latency)
         self.gate.answered(MODEL)
+        aspects = _aspects(result)
         if self.cache is not None:
             cached = CachedListing(
                 result.listing.title,
-                [(a.name, a.value, a.confidence) for a in _aspects(result)],
+                aspects,
                 unknown_keys=result.check.unknown_keys,
                 invalid_values=result.check.invalid_values,
                 model_name=result.model.name,
@@ -336,7 +339,7 @@ class Generate:
                 missing_required=result.check.missing_required,
             )
             await self.cache.put(self.model_version, schema.key, digest, cached)
-        return result
+        return result, aspects
 
 
 class Emit:
@@ -362,23 +365,26 @@ class Emit:
 
 
 def aspect_event(r: Record, now: float) -> AspectEvent:
-    """The AspectEvent of a record with an answer (what the judge needs rides along: images, seller listing)."""
+    """The AspectEvent of a record with an answer (what the judge needs rides along: images, seller listing), validated
+    once here from plain data."""
     event, answer, schema = r.event, r.answer, r.schema
     assert event is not None and answer is not None and schema is not None
-    return AspectEvent(
-        listing_id=event.listing_id,
-        source_event_id=event.event_id,
-        category=event.category,
-        title=answer.title,
-        aspects=answer.aspects,
-        model=answer.model,
-        schema_check=answer.check,
-        image_sha256=r.digest,
-        cache_hit=answer.cache_hit,
-        timings=r.timings(now),
-        category_schema=schema.ref,
-        generic_schema=schema.generic,
-        images=event.images,
-        seller_title=event.seller_title,
-        seller_aspects=event.seller_aspects,
+    return AspectEvent.model_validate(
+        {
+            "listing_id": event.listing_id,
+            "source_event_id": event.event_id,
+            "category": event.category,
+            "title": answer.title,
+            "aspects": [{"name": n, "value": v, "confidence": c} for n, v, c in answer.aspects],
+            "model": answer.model,
+            "schema_check": answer.check,
+            "image_sha256": r.digest,
+            "cache_hit": answer.cache_hit,
+            "timings": r.timings(now),
+            "category_schema": schema.ref,
+            "generic_schema": schema.generic,
+            "images": event.images,
+            "seller_title": event.seller_title,
+            "seller_aspects": event.seller_aspects,
+        }
     )
