@@ -118,9 +118,9 @@ class EnrichWorker:
         failures = s.failures
         if s.poll():
             self.metrics.schema_reloads.labels("ok").inc()
+            self.metrics.schema_categories.set(len(s.registry))
         elif s.failures > failures:
             self.metrics.schema_reloads.labels("refused").inc()
-        self.metrics.schema_categories.set(len(s.registry))
 
     def stages(self, model_version: str) -> list[Stage]:
         """The pipeline's stages in order (a new stage goes here)."""
@@ -155,6 +155,7 @@ class EnrichWorker:
         self.model = model_info(served)
         self.pipeline = pipeline = Pipeline(self.stages(f"{self.model.name}@{self.model.version}"), self.policy, self.stopping)
         await self._learn_pixel_budget()
+        self.metrics.schema_categories.set(len(self.categories))
         lanes = self.lanes
         lanes.subscribe()
         last_activity = time.monotonic()
@@ -166,9 +167,9 @@ class EnrichWorker:
                 self.outputs.poll(0)
                 lanes.update_lag()
                 self.gate.start_probes()
-                window = self._flow_control()
+                window, cap = self._flow_control()
                 self._poll_schemas()
-                got = self._take(window)
+                got = self._take(window, cap)
                 if got:
                     self.metrics.batch_size.observe(len(got))
                     pipeline.start_batch(got)
@@ -184,12 +185,11 @@ class EnrichWorker:
         finally:
             await self.shutdown(grace_s)
 
-    def _take(self, window: int) -> list[Record]:
+    def _take(self, window: int, cap: int) -> list[Record]:
         """Realtime first (it may take the whole window), then backfill up to its cap. Paused lanes are still
         polled (callbacks, liveness); the backfill poll blocks a few ms only when nothing else is held, since a
         longer block holds back realtime records that arrive meanwhile."""
         lanes, batch_max = self.lanes, self.w.batch_max_size
-        cap = self._backfill_cap(window)
         got: list[Record] = []
         q = flow.quotas(window, lanes.held, cap, batch_max)
         if q.realtime > 0 or lanes.lane_paused(Lane.REALTIME):
@@ -267,8 +267,9 @@ class EnrichWorker:
         backlog = flow.realtime_backlog(time.monotonic() - self._last_rt, lanes.held[Lane.REALTIME], (lanes.lag.get(tp) for tp in rt))
         return flow.backfill_cap(window, self.w.backfill_share, Lane.REALTIME in lanes.joined, backlog)
 
-    def _flow_control(self) -> int:
-        """Pause and resume partitions as :func:`workers.flow_control.partitions_to_pause` decides; the window now."""
+    def _flow_control(self) -> tuple[int, int]:
+        """Pause and resume partitions as :func:`workers.flow_control.partitions_to_pause` decides; the window and
+        backfill's cap now."""
         lanes, window, now = self.lanes, self._window(), time.monotonic()
         held, bf, cap = len(lanes.records), lanes.held[Lane.BACKFILL], self._backfill_cap(window)
         self._full_since = (self._full_since or now) if held >= window else None
@@ -287,4 +288,4 @@ class EnrichWorker:
         )
         if want != lanes.paused:
             lanes.pause_only(want)
-        return window
+        return window, cap
