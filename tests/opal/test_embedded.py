@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -21,6 +22,8 @@ from opal.embedded import KILL_WAIT_S, EmbeddedStack, ManagedProcess, read_state
 from opal.lifeline import REAPER_LOG_ENV
 from schemas.settings import EmbeddedSettings, KafkaSettings, OpalSettings
 from tests.support import REPO, alive, children, listening, opal_bin, stubborn_service, wait_dead, wait_for
+
+pytestmark = pytest.mark.server  # every test here starts real services or process trees (left out by `make test-fast`)
 
 
 def _settings(run_dir: Path, **embedded: object) -> OpalSettings:
