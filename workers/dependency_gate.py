@@ -213,9 +213,15 @@ class DependencyGate:
         log.warning("%s: attempt %d failed (%s); retrying in %.1f s", name, attempt, clean_message(text, 300), delay)
         return delay
 
-    def _waiting(self, name: str) -> None:
+    def _next_try_in(self, name: str, error: Exception, attempt: int, is_outage: Callable[[Exception], bool]) -> float:
+        """A failed try of :meth:`call` / :meth:`call_blocking`: re-raised when ``is_outage`` does not accept it, else
+        recorded and announced (``on_wait``); the seconds to wait before the next try."""
+        if not is_outage(error):
+            raise error
+        delay = self._after_failure(name, error, attempt)
         if self.on_wait is not None:
             self.on_wait(name)
+        return delay
 
     async def call(
         self,
@@ -230,11 +236,8 @@ class DependencyGate:
             try:
                 result = await op()
             except Exception as e:
-                if not is_outage(e):
-                    raise
                 attempt += 1
-                delay = self._after_failure(name, e, attempt)
-                self._waiting(name)
+                delay = self._next_try_in(name, e, attempt, is_outage)
             else:
                 self.answered(name)
                 return result
@@ -264,12 +267,8 @@ class DependencyGate:
             try:
                 result = op()
             except Exception as e:
-                if not is_outage(e):
-                    raise
                 attempt += 1
-                delay = self._after_failure(name, e, attempt)
-                self._waiting(name)
-                wait(delay)
+                wait(self._next_try_in(name, e, attempt, is_outage))
                 continue
             self.answered(name)
             return result
