@@ -30,7 +30,7 @@ from schemas.serde import EventCodec  # noqa: E402
 from schemas.settings import OpalSettings, TopicSettings  # noqa: E402
 from topology.admin import apply_topology  # noqa: E402
 from topology.declared import build_topology  # noqa: E402
-from workers.kafka_clients import make_producer  # noqa: E402
+from workers.kafka_clients import make_admin, make_producer  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -41,12 +41,11 @@ def rss_mb(pid: int) -> float:
 
 
 def run_case(s: OpalSettings, n: int, seconds: float, url: str) -> dict[str, float]:
-    from confluent_kafka.admin import AdminClient
 
     tag = uuid.uuid4().hex[:6]
     topics = TopicSettings.suffixed(tag, 3)
     s = s.model_copy(update={"topics": topics, "redis": s.redis.model_copy(update={"key_prefix": f"bench-{tag}:"})})  # a cold cache each
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     codec = EventCodec(ListingImageEvent)
     samples = load_samples()
     base = [sample_event(x) for x in samples]

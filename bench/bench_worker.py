@@ -51,7 +51,7 @@ from schemas.serde import CodecSet  # noqa: E402
 from schemas.settings import OpalSettings, TopicSettings  # noqa: E402
 from topology.admin import apply_topology  # noqa: E402
 from topology.declared import build_topology  # noqa: E402
-from workers.kafka_clients import make_producer  # noqa: E402
+from workers.kafka_clients import make_admin, make_producer  # noqa: E402
 
 TARGET = 5000  # records/s per core (issue 15)
 
@@ -106,9 +106,8 @@ def running_worker(name: str, model: Path) -> Iterator[WorkerRun]:
                     "worker": stack.settings.worker.model_copy(update={"allowed_file_root": REPO}),  # samples and new photos
                 }
             )
-            from confluent_kafka.admin import AdminClient
 
-            apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+            apply_topology(make_admin(s.kafka), build_topology(s))
             port = free_port()
             run = WorkerRun(s, url, port, spawn_enrich_worker(s, url, f"bench-{tag}", port), run_dir / tag)
             try:

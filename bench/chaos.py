@@ -91,12 +91,12 @@ class Harness:
         tag = f"{name}-{uuid.uuid4().hex[:6]}"
         topics = TopicSettings.suffixed(tag, partitions)
         s = self.settings.model_copy(update={"topics": topics})
-        from confluent_kafka.admin import AdminClient
 
         from topology.admin import apply_topology
         from topology.declared import build_topology
+        from workers.kafka_clients import make_admin
 
-        apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+        apply_topology(make_admin(s.kafka), build_topology(s))
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPAL_")} | {
             "OPAL_KAFKA_BOOTSTRAP": s.kafka.bootstrap or "",
             "OPAL_REDIS_URL": s.redis.url_value(),

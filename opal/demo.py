@@ -93,12 +93,10 @@ def read_topic(settings: OpalSettings, topic: str, decode: Any, expected: int, t
 
 
 def run_demo(console: Console, samples: Path = SAMPLE_DIR, loop: bool = False) -> DemoResult:
-    from confluent_kafka.admin import AdminClient
-
     from topology.admin import apply_topology
     from topology.declared import build_topology
     from workers.enrich import run_worker
-    from workers.kafka_clients import make_producer
+    from workers.kafka_clients import make_admin, make_producer
 
     t0 = time.monotonic()
     base = OpalSettings()
@@ -120,7 +118,7 @@ def run_demo(console: Console, samples: Path = SAMPLE_DIR, loop: bool = False) -
                     "worker": s.worker.model_copy(update={"allowed_file_root": samples.resolve()}),
                 }
             )
-            results = apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+            results = apply_topology(make_admin(s.kafka), build_topology(s))
             console.print(
                 f"[bold]3.[/] topology: {sum(r.status == 'created' for r in results)} topics created, "
                 f"{sum(r.status == 'ok' for r in results)} verified"

@@ -78,7 +78,10 @@ def _valkey_pong(port: int) -> bool:
 def _kafka_metadata(bootstrap: str) -> bool:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000})
+    from workers.kafka_clients import librdkafka_logger
+
+    # its "connection refused" lines while the broker starts go to logging, not to the terminal
+    admin = AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 2000, "logger": librdkafka_logger()})
     try:
         admin.list_topics(timeout=2)
         return True

@@ -30,30 +30,45 @@ SERVER_FIXTURES = frozenset({"stack", "settings", "wsettings", "vllm_server", "v
 SLOW_FIRST = (
     "tests/opal/test_cli.py::test_demo_runs_end_to_end_then_closes_the_loop",
     "tests/opal/test_loop.py::",
-    "tests/training/test_sft.py::",
+    "vllm-server",
+    "tiny-model",
     "tests/bench/test_chaos.py::",
     "tests/inference/test_client_vllm.py::",
-    "tests/training/test_dpo.py::",
 )
-"""Started first under pytest-xdist (the longest runs, in this order), so that none of them starts last."""
+"""Started first under pytest-xdist (the longest runs and groups, in this order), so that none of them starts last."""
+
+
+def _group(item: pytest.Item) -> str | None:
+    """The xdist group of a test: every test of the session's vLLM server on one worker (one server per run, not one
+    per worker); every other test of the tiny model on one worker (the model and test_sft's trained fixture built
+    once); the rest spread one by one."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if "vllm_server" in fixtures:
+        return "vllm-server"
+    if "tiny_model" in fixtures:
+        return "tiny-model"
+    return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     unmarked = [i.nodeid for i in items if "vllm_server" in getattr(i, "fixturenames", ()) and i.get_closest_marker("vllm") is None]
     if unmarked:
         raise pytest.UsageError(f"tests using the vLLM server need the vllm marker: {unmarked}")
-    # `make test` runs the suite on pytest-xdist workers (--dist loadgroup): every test of the session's vLLM server
-    # is one group, run by one worker, so the suite starts one server and not one per worker
+    # `make test` runs the suite on pytest-xdist workers with --dist loadgroup (groups: _group);
     # `make test-fast` leaves out every test that starts a server: those using a server fixture are marked here
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if "vllm_server" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("vllm-server"))
-        if fixtures & SERVER_FIXTURES:
+        group = _group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        if set(getattr(item, "fixturenames", ())) & SERVER_FIXTURES:
             item.add_marker(pytest.mark.server)
 
     def rank(item: pytest.Item) -> int:
-        return next((i for i, prefix in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefix)), len(SLOW_FIRST))
+        group = _group(item)
+        for i, key in enumerate(SLOW_FIRST):
+            if key == group or item.nodeid.startswith(key):
+                return i
+        return len(SLOW_FIRST)
 
     items.sort(key=rank)  # stable: the rest keep their order
 

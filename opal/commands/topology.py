@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from opal.commands.common import console, exits_on, require_kafka, resolved_settings
+from workers.kafka_clients import make_admin
 
 app = typer.Typer(help="Kafka topics and consumer groups.", no_args_is_help=True)
 
@@ -13,7 +14,6 @@ app = typer.Typer(help="Kafka topics and consumer groups.", no_args_is_help=True
 @app.command("apply")
 def topology_apply() -> None:
     """Create missing topics, verify existing ones; exit 1 on a mismatch."""
-    from confluent_kafka.admin import AdminClient
 
     from topology.admin import TopologyMismatchError, apply_topology
     from topology.declared import build_topology
@@ -21,7 +21,7 @@ def topology_apply() -> None:
     s = resolved_settings()
     require_kafka(s)
     with exits_on(TopologyMismatchError, code=1):
-        results = apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+        results = apply_topology(make_admin(s.kafka), build_topology(s))
     table = Table("topic", "status", "detail", title=f"topology on {s.kafka.bootstrap}")
     for r in results:
         table.add_row(r.name, r.status, r.detail)

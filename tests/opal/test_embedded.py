@@ -22,6 +22,7 @@ from opal.embedded import KILL_WAIT_S, EmbeddedStack, ManagedProcess, read_state
 from opal.lifeline import REAPER_LOG_ENV
 from schemas.settings import EmbeddedSettings, KafkaSettings, OpalSettings
 from tests.support import REPO, alive, children, listening, opal_bin, stubborn_service, wait_dead, wait_for
+from workers.kafka_clients import librdkafka_logger, make_admin
 
 pytestmark = pytest.mark.server  # every test here starts real services or process trees (left out by `make test-fast`)
 
@@ -36,7 +37,7 @@ def test_stack_starts_real_services_and_stops_them(tmp_path: Path) -> None:
         assert len(pids) == 2 and all(alive(p) for p in pids)
         r = redis.Redis.from_url(stack.settings.redis.url_value())
         assert r.ping() and r.set("k", "v") and r.get("k") == b"v"
-        md = AdminClient(stack.settings.kafka.librdkafka_config()).list_topics(timeout=5)
+        md = make_admin(stack.settings.kafka).list_topics(timeout=5)
         assert md.brokers
     assert wait_dead(pids) == []
     assert (tmp_path / "tansu.log").exists() and (tmp_path / "valkey.log").exists()
@@ -134,9 +135,9 @@ def test_s3_storage_survives_a_broker_kill(tmp_path: Path) -> None:
     moto, endpoint = start_moto(tmp_path, 30)
     try:
         broker, bootstrap = start_tansu(tmp_path, 30, s3_endpoint=endpoint)
-        admin = AdminClient({"bootstrap.servers": bootstrap})
+        admin = AdminClient({"logger": librdkafka_logger(), "bootstrap.servers": bootstrap})
         admin.create_topics([NewTopic("durable", 1, 1)])["durable"].result(timeout=10)
-        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+        p = Producer({"logger": librdkafka_logger(), "bootstrap.servers": bootstrap, "linger.ms": 20})
         for i in range(5):
             p.produce("durable", key=str(i).encode(), value=f"v{i}".encode())
         assert p.flush(15) == 0
@@ -145,7 +146,8 @@ def test_s3_storage_survives_a_broker_kill(tmp_path: Path) -> None:
         broker.proc.wait()
         broker2, bootstrap2 = start_tansu(tmp_path, 30, s3_endpoint=endpoint)
         try:
-            c = Consumer({"bootstrap.servers": bootstrap2, "group.id": "g", "auto.offset.reset": "earliest", "session.timeout.ms": 6000})
+            conf = {"bootstrap.servers": bootstrap2, "group.id": "g", "auto.offset.reset": "earliest", "session.timeout.ms": 6000}
+            c = Consumer({"logger": librdkafka_logger(), **conf})
             c.subscribe(["durable"])
             try:
                 got = _poll_until(c, 5, "the 5 records back from the restarted broker")
@@ -284,7 +286,7 @@ def _opal(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.Co
 
 def _read_all(bootstrap: str, topic: str, n: int) -> list[bytes]:
     """``n`` values of partition 0 from the start, sorted (assigned, no group: no rebalance wait)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
+    c = Consumer({"logger": librdkafka_logger(), "bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
     c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     try:
         return sorted(_poll_until(c, n, f"{n} records of {topic}"))
@@ -304,9 +306,10 @@ def test_dev_restart_kafka_on_s3_keeps_address_and_records(cli_env: dict[str, st
     ports = [p["port"] for p in state["processes"]]
     bootstrap = state["kafka_bootstrap"]
     try:
-        admin = AdminClient({"bootstrap.servers": bootstrap})  # keep a reference: a collected client fails its futures
+        # keep a reference: a collected client fails its futures
+        admin = AdminClient({"logger": librdkafka_logger(), "bootstrap.servers": bootstrap})
         admin.create_topics([NewTopic("durable", 1, 1)])["durable"].result(timeout=10)
-        p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        p = Producer({"logger": librdkafka_logger(), "bootstrap.servers": bootstrap, "linger.ms": 5})
         for i in range(5):
             p.produce("durable", key=str(i).encode(), value=f"v{i}".encode())
         assert p.flush(15) == 0

@@ -272,13 +272,12 @@ def _scrape_until(port: int, done: Callable[[str], bool], timeout_s: float = 60)
 )
 def test_debug_worker_leaks_no_secret(stack: EmbeddedStack, settings: OpalSettings, cli_env: dict[str, str], redis_user: str) -> None:
     """`opal worker enrich --log-level DEBUG` with every secret set: stdout, stderr, /metrics and dead letters hold none."""
-    from confluent_kafka.admin import AdminClient
-
     from topology.admin import apply_topology
     from topology.declared import build_topology
+    from workers.kafka_clients import make_admin
 
     s = settings.model_copy(update={"worker": settings.worker.model_copy(update={"group_id": f"secrets-{uuid.uuid4().hex[:6]}"})})
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     sample = load_samples()[0]
     images = sample.image.parent
     good = sample_event(sample).model_copy(update={"listing_id": "good-1"})

@@ -9,10 +9,11 @@ from schemas.settings import OpalSettings
 from tests.support import REPO, opal_bin
 from topology.admin import TopologyMismatchError, apply_topology
 from topology.declared import build_topology
+from workers.kafka_clients import make_admin
 
 
 def _admin(s: OpalSettings) -> AdminClient:
-    return AdminClient(s.kafka.librdkafka_config())
+    return make_admin(s.kafka)
 
 
 def test_apply_creates_then_is_idempotent(settings: OpalSettings) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -24,7 +23,7 @@ from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.backfill import AckWindow, BackfillError, _lock
 from workers.inventory import backfill_event_id, write_parquet
-from workers.kafka_clients import make_consumer
+from workers.kafka_clients import make_admin, make_consumer
 
 CODEC = EventCodec(ListingImageEvent)
 
@@ -84,7 +83,7 @@ def test_kill_9_and_rerun_publishes_every_listing_once_more_at_most_the_window(
     settings: OpalSettings, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     s = settings
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     inv = tmp_path / "inventory.jsonl"
     ids, bad = _inventory(inv, 5000)
     state = tmp_path / "state"
@@ -134,7 +133,7 @@ def test_kill_9_and_rerun_publishes_every_listing_once_more_at_most_the_window(
 def test_throttles_while_the_enrichment_backlog_is_high(settings: OpalSettings, cli_env: dict[str, str], tmp_path: Path) -> None:
     """No enrichment worker consumes: the job stops near --max-lag; once the group catches up it finishes."""
     s = settings
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     inv = tmp_path / "inventory.jsonl"
     ids, bad = _inventory(inv, 1500)
     state = tmp_path / "state"
@@ -181,7 +180,7 @@ def test_s3_parquet_inventory_dry_run_then_publish(settings: OpalSettings, cli_e
     import boto3
 
     s = settings
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     port = free_port()
     moto = subprocess.Popen(
         [str(Path(opal_bin()).parent / "moto_server"), "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
 
 from schemas.errors import OpalError
 from schemas.events import DeadLetter, Header, ImageRef, Lane, ListingImageEvent
@@ -48,7 +47,7 @@ from workers.dlq import (
     replay_lanes,
 )
 from workers.enrich import run_worker
-from workers.kafka_clients import make_producer, messages_to_end
+from workers.kafka_clients import make_admin, make_producer, messages_to_end
 
 DL = EventCodec(DeadLetter)
 EV = EventCodec(ListingImageEvent)
@@ -260,7 +259,7 @@ def _table(stdout: str) -> dict[tuple[str, str], list[str]]:
 
 def test_a_read_ends_where_the_topic_ended_when_it_began(settings: OpalSettings) -> None:
     s, t = settings, settings.topics
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     keys = [f"k{i}".encode() for i in range(9)]  # spread over the topic's partitions
     publish(s, t.dead_letters, [(k, DL.encode(_dl(key=k, error_message="before"))) for k in keys])
     producer = make_producer(s.kafka)
@@ -281,7 +280,7 @@ def test_a_read_ends_where_the_topic_ended_when_it_began(settings: OpalSettings)
 
 def test_replay_stops_at_the_first_record_not_acknowledged_and_says_rerun(settings: OpalSettings) -> None:
     s, t = settings, settings.topics
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     keys = [b"a", b"b", b"c"]
     publish(s, t.dead_letters, [(k, DL.encode(_dl(t.images_realtime, key=k, value=b"value-" + k))) for k in keys])
     invalid = Criteria(reasons=frozenset({"invalid_image"}))
@@ -316,7 +315,7 @@ def test_replay_sends_exactly_the_matching_dead_letters_back_to_their_lanes(
             "worker": settings.worker.model_copy(update={"group_id": f"enrich-{uuid.uuid4().hex[:6]}", "allowed_file_root": root}),
         }
     )
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     t = s.topics
     env = settings_env(s, cli_env)
 

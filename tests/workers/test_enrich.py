@@ -21,6 +21,7 @@ from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.enrich import EnrichWorker, run_worker
 from workers.enrich.lanes import LaneConsumers
+from workers.kafka_clients import make_admin
 from workers.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.vllm
@@ -182,9 +183,8 @@ def test_realtime_lane_is_served_ahead_of_backfill(wsettings: OpalSettings, imag
             "worker": wsettings.worker.model_copy(update={"max_in_flight": 4, "backfill_share": 0.25, "batch_max_size": 4}),
         }
     )
-    from confluent_kafka.admin import AdminClient
 
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     backfill = _events(images, 40, Lane.BACKFILL, prefix="bf")
     realtime = _events(images, 8, Lane.REALTIME, prefix="rt")
     _publish(s, [(e.listing_id.encode(), CODEC.encode(e)) for e in backfill], s.topics.images_backfill)

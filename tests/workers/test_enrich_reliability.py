@@ -26,7 +26,7 @@ from tests.support import worker_events as _events
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.enrich import run_worker
-from workers.kafka_clients import make_producer
+from workers.kafka_clients import librdkafka_logger, make_admin, make_producer
 from workers.metrics import WorkerMetrics
 
 pytestmark = pytest.mark.vllm
@@ -35,12 +35,11 @@ CODEC = EventCodec(ListingImageEvent)
 
 def _one_partition(s: OpalSettings, **worker: object) -> OpalSettings:
     """Fresh single-partition topics (produce order = output order) and a fresh group."""
-    from confluent_kafka.admin import AdminClient
 
     tag = uuid.uuid4().hex[:6]
     topics = TopicSettings.suffixed(tag, 1)
     s = s.model_copy(update={"topics": topics, "worker": s.worker.model_copy(update={"group_id": f"rel-{tag}", **worker})})
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     return s
 
 
@@ -52,7 +51,7 @@ def _publish_big(s: OpalSettings, records: list[tuple[bytes, bytes]]) -> None:
 
 
 def _committed(s: OpalSettings) -> int:
-    c = Consumer(s.kafka.librdkafka_config(**{"group.id": f"{s.worker.group_id}.realtime"}))
+    c = Consumer(s.kafka.librdkafka_config(**{"group.id": f"{s.worker.group_id}.realtime", "logger": librdkafka_logger()}))
     try:
         return c.committed([TopicPartition(s.topics.images_realtime, 0)], timeout=10)[0].offset
     finally:

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient
 from pydantic import SecretStr
 
 from opal.embedded import free_port
@@ -20,6 +19,7 @@ from tests.support import REPO, opal_bin, publish, read_topic, settings_env
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.index_worker import IndexerError, IndexerStats, build_indexer
+from workers.kafka_clients import make_admin
 from workers.metrics import IndexerMetrics
 from workers.search_index import SearchIndex, parse_aspect_filters, terms_of
 
@@ -45,7 +45,7 @@ def record(ev: AspectEvent) -> tuple[bytes, bytes]:
 @pytest.fixture
 def isettings(settings: OpalSettings) -> OpalSettings:
     s = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": f"t{uuid.uuid4().hex[:6]}:"})})
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     return s
 
 

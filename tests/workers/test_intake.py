@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from confluent_kafka import Consumer
-from confluent_kafka.admin import AdminClient
 
 from opal.samples import load_samples, sample_event
 from schemas.category import default_categories
@@ -16,7 +15,7 @@ from schemas.settings import OpalSettings
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.intake import dead_letter_for, decode_listing_event
-from workers.kafka_clients import make_consumer, make_producer
+from workers.kafka_clients import make_admin, make_consumer, make_producer
 
 
 def _drain(c: Consumer, n: int, timeout_s: float = 30) -> list:
@@ -30,7 +29,7 @@ def _drain(c: Consumer, n: int, timeout_s: float = 30) -> list:
 
 
 def test_events_and_dead_letters_round_trip(settings: OpalSettings) -> None:
-    apply_topology(AdminClient(settings.kafka.librdkafka_config()), build_topology(settings))
+    apply_topology(make_admin(settings.kafka), build_topology(settings))
     codec = EventCodec(ListingImageEvent)
     dl_codec = EventCodec(DeadLetter)
     events = [sample_event(s) for s in load_samples()[:6]]

@@ -6,8 +6,6 @@ import signal
 import subprocess
 import uuid
 
-from confluent_kafka.admin import AdminClient
-
 from schemas.events import AspectEvent, AspectValue, DeadLetter, ImageRef, JudgeOutcome, ModelInfo, PreferencePair, SchemaCheck, Verdict
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
@@ -15,6 +13,7 @@ from tests.support import REPO, opal_bin, publish, read_to_end, read_topic, sett
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from workers.judge_agent import selected
+from workers.kafka_clients import make_admin
 
 CODEC = EventCodec(AspectEvent)
 SELLER = ("white leather tote", {"Color": "white", "Material": "leather"})
@@ -44,7 +43,7 @@ def test_selection_is_low_confidence_or_a_stable_sample() -> None:
 
 def test_judge_agent_writes_outcomes_pairs_and_dead_letters(settings: OpalSettings, cli_env: dict[str, str]) -> None:
     s = settings
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     wrong = generated("L-wrong", "dantur kite", 0.2, Color="clear")
     right = generated("L-right", SELLER[0], 0.3, **SELLER[1])
     publish(

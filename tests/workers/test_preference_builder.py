@@ -8,8 +8,6 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient
-
 from schemas.events import DeadLetter, ImageRef, ModelInfo, PreferencePair, Verdict
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
@@ -17,6 +15,7 @@ from tests.support import REPO, opal_bin, publish, read_topic, settings_env
 from topology.admin import apply_topology
 from topology.declared import build_topology
 from training.preferences import read_pairs
+from workers.kafka_clients import make_admin
 
 CODEC = EventCodec(PreferencePair)
 
@@ -37,7 +36,7 @@ def pair(pair_id: str, version: str) -> PreferencePair:
 
 def test_pairs_land_once_in_one_shard_per_model_version(settings: OpalSettings, cli_env: dict[str, str], tmp_path: Path) -> None:
     s = settings.model_copy(update={"redis": settings.redis.model_copy(update={"key_prefix": f"t{uuid.uuid4().hex[:6]}:"})})
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     records = [
         (p.pair_id.encode(), CODEC.encode(p)) for p in (pair("a", "sft-1"), pair("b", "sft-1"), pair("c", "dpo/2"), pair("a", "sft-1"))
     ]

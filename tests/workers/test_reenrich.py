@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 
-from confluent_kafka.admin import AdminClient
-
 from schemas.events import AspectEvent, AspectValue, ImageRef, Lane, ListingImageEvent, ModelInfo, SchemaCheck
 from schemas.serde import EventCodec
 from schemas.settings import OpalSettings
 from tests.support import REPO, opal_bin, publish, read_to_end, settings_env
 from topology.admin import apply_topology
 from topology.declared import build_topology
+from workers.kafka_clients import make_admin
 from workers.reenrich import reenrich_event_id
 
 CODEC = EventCodec(AspectEvent)
@@ -34,7 +33,7 @@ def _aspect_event(listing_id: str, version: str, images: bool = True) -> AspectE
 
 def test_stale_listings_are_republished_on_the_backfill_lane_idempotently(settings: OpalSettings, cli_env: dict[str, str]) -> None:
     s = settings
-    apply_topology(AdminClient(s.kafka.librdkafka_config()), build_topology(s))
+    apply_topology(make_admin(s.kafka), build_topology(s))
     records = [
         (b"old-1", CODEC.encode(_aspect_event("old-1", "v1"))),
         (b"old-2", CODEC.encode(_aspect_event("old-2", "v1"))),
