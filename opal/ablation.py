@@ -52,7 +52,8 @@ from rich.console import Console
 from opal.vllm_server import start_vllm
 from schemas.category import default_categories
 from schemas.settings import OpalSettings
-from training.evaluate import MAJORITY, MODEL, RETRIEVAL, SWAPPED, EvalConfig, run_eval, write_eval
+from training.eval_report import write_eval
+from training.evaluate import MAJORITY, MODEL, RETRIEVAL, SWAPPED, EvalConfig, run_eval
 from training.progress import Reporter, fmt_duration
 
 REPO = Path(__file__).resolve().parents[1]

@@ -119,7 +119,8 @@ def _eval_run(config: Any, out: Path) -> None:
     from rich.progress import Progress
 
     from opal.plots import bars_png
-    from training.evaluate import PLOT_NOTE, plot_series, run_eval, tables, write_eval
+    from training.eval_report import plot_series, tables, write_eval
+    from training.evaluate import PLOT_NOTE, run_eval
 
     data, split = config.data, config.split
     with Progress(console=console, transient=True) as bar:

@@ -319,3 +319,26 @@ def test_the_cycle_check_sees_function_level_and_relative_imports(tmp_path: Path
     assert import_cycles(import_graph(modules_under(tmp_path))) == []
     (pkg / "c.py").write_text("def g():\n    from .a import f\n    return f\n")
     assert import_cycles(import_graph(modules_under(tmp_path))) == [["p.a", "p.b", "p.c"]]
+
+
+# -- size and shape: small modules and classes (issue 22) ---------------------------------------------------
+SIZED_PACKAGES = ("opal", "workers", "training", "inference", "schemas", "topology")
+MAX_MODULE_LINES = 450
+MAX_CLASS_LINES = 400
+
+
+def test_modules_and_classes_stay_small() -> None:
+    """No module of the product packages over MAX_MODULE_LINES lines, no class (decorators included, nested ones
+    too) over MAX_CLASS_LINES: split a module that grows past it by concern into a sibling module."""
+    too_big: list[str] = []
+    for f in sorted(f for p in SIZED_PACKAGES for f in (REPO / p).rglob("*.py")):
+        text = f.read_text()
+        rel = f.relative_to(REPO)
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            too_big.append(f"{rel}: {n} lines (module, most {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if (n := (node.end_lineno or node.lineno) - start + 1) > MAX_CLASS_LINES:
+                    too_big.append(f"{rel}:{node.lineno}: class {node.name}: {n} lines (class, most {MAX_CLASS_LINES})")
+    assert not too_big, "too big, split by concern:\n" + "\n".join(too_big)

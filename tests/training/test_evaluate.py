@@ -18,6 +18,7 @@ from opal.embedded import free_port
 from opal.samples import SAMPLE_DIR
 from tests.support import REPO, opal_bin
 from training.abo import ListingRecord, load_abo, split_of
+from training.eval_report import plot_series, write_eval
 from training.evaluate import (
     MAJORITY,
     MODEL,
@@ -164,7 +165,7 @@ def test_report_has_baselines_swap_deltas_aspect_accuracy_and_titles(monkeypatch
     assert deltas["exact_match"] == 1.0 - float(rows[SWAPPED]["exact_match"] or 0) and (deltas["colour_accuracy"] or 0) > 0
     assert result.aspect_names[:2] == ["Color", "Material"]
     assert rows[MAJORITY]["distinct_titles"] <= len(result.titles["reference"])  # one title per category
-    ev.write_eval(result, tmp_path)
+    write_eval(result, tmp_path)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["baseline_fitted_in_sample"] is True and report["swap_control"]["swapped_items"] == 40
     assert set(report["aspect_accuracy"][RETRIEVAL]) >= {"Color", "Material"}
@@ -174,7 +175,7 @@ def test_report_has_baselines_swap_deltas_aspect_accuracy_and_titles(monkeypatch
         assert text in md, text
     lines = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert all(x["photo_of"] != x["id"] for x in lines if x["system"] == SWAPPED)
-    groups, series = ev.plot_series(result)
+    groups, series = plot_series(result)
     assert set(series) == set(result.predictions) and all(len(v) == len(groups) for v in series.values())
 
 
