@@ -51,7 +51,7 @@ def worker_enrich(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         w = await run_worker(s, stop, idle_exit_s=idle_exit, metrics=metrics)
-        console.print(f"enrich worker stopped after {w.outputs} outputs")
+        console.print(f"enrich worker stopped after {w.outputs.acknowledged} outputs")
 
     try:
         asyncio.run(main())

@@ -51,7 +51,7 @@ class LaneConsumers:
         self.held = dict.fromkeys(Lane, 0)  # records held per lane
         self.assigned: set[TopicPartitionKey] = set()
         self.paused: set[TopicPartitionKey] = set()
-        self.joined: set[Lane] = set()  # lanes whose consumer completed a group join
+        self.joined: set[Lane] = set()  # lanes whose consumer holds a completed group join (left on revoke or loss)
         self.last_rebalance = 0.0
         self.settle_s = session_timeout_s + 1.0
         self.lag: dict[TopicPartitionKey, int] = {}
@@ -73,6 +73,9 @@ class LaneConsumers:
         log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in parts))
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        # the lane joins again (on_assign marks it): until then flow control and shutdown treat it as not joined, so
+        # a stop during the re-join waits for it (tansu: leaving with a JoinGroup pending wedges the group)
+        self.joined -= {lane for lane, c in self.consumers.items() if c is consumer}
         self.last_rebalance = time.monotonic()
         self.commit(consumer)
         for tp in parts:
