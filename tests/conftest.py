@@ -41,8 +41,11 @@ SLOW_FIRST = (
 def _group(item: pytest.Item) -> str | None:
     """The xdist group of a test: every test of the session's vLLM server on one worker (one server per run, not one
     per worker); every other test of the tiny model on one worker (the model and test_sft's trained fixture built
-    once); the rest spread one by one."""
+    once); the process-tree tests of the embedded stack one after another (a reaper or a SIGKILLed parent of one
+    must not meet another's processes); the rest spread one by one."""
     fixtures = set(getattr(item, "fixturenames", ()))
+    if item.nodeid.startswith("tests/opal/test_embedded.py::"):
+        return "process-trees"  # they SIGKILL parents and start reapers that sweep orphans: one at a time
     if "vllm_server" in fixtures:
         return "vllm-server"
     if "tiny_model" in fixtures:
