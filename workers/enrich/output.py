@@ -134,7 +134,8 @@ class Outputs:
             return
         produced = 0
         while self._reports:
-            reports, self._reports[:] = list(self._reports), []
+            reports = self._reports.copy()
+            self._reports.clear()  # in place: the delivery callbacks append to this very list
             for r in reports:
                 if r.err is None:
                     if r.dead_reason is None:
